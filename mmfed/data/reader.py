@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,6 +234,7 @@ def _inside(folder: Path, path: Path) -> bool:
 
 def _load_image(path: Path) -> np.ndarray:
     """Load one grayscale image as float32 (H, W); raises ValueError with the reason."""
+    arr: np.ndarray  # np.load is typed Any
     ext = path.suffix.lower()
     if ext == ".npy":
         try:
@@ -243,7 +243,8 @@ def _load_image(path: Path) -> np.ndarray:
             raise ValueError("not a readable .npy array") from exc
         if arr.ndim == 3 and arr.shape[0] == 1:
             arr = arr[0]
-        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number):
+        real = np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+        if arr.ndim != 2 or not real:  # complex and bool are not pixel intensities
             raise ValueError(f"expected a 2-D numeric array, got shape {arr.shape} "
                              f"dtype {arr.dtype}")
     elif ext == ".png":
@@ -255,17 +256,17 @@ def _load_image(path: Path) -> np.ndarray:
                 if img.mode not in ("L", "I", "I;16", "I;16B", "F", "1"):
                     raise ValueError(f"not grayscale (mode {img.mode})")
                 arr = np.asarray(img)
+        except Image.DecompressionBombError as exc:
+            raise ValueError("too many pixels (decompression-bomb limit)") from exc
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise ValueError("not a readable PNG") from exc
     else:
         import pydicom
-        from pydicom.errors import InvalidDicomError
 
         try:
             ds = pydicom.dcmread(path)
             arr = np.asarray(ds.pixel_array)
-        except (InvalidDicomError, AttributeError, ValueError, KeyError, OSError,
-                TypeError, NotImplementedError) as exc:
+        except Exception as exc:  # pydicom raises many types (struct.error, ...) when corrupt
             raise ValueError("not a readable DICOM image") from exc
         if arr.ndim != 2:
             raise ValueError(f"expected one grayscale frame, got shape {arr.shape}")
@@ -375,9 +376,8 @@ def _read_genomics(folder: Path, spec: SiteSpec, ids: list[str], problems: list[
             problems.append(f"genomics.parquet: unreadable ({type(exc).__name__})")
             return [], None, mask
         frame.columns = [str(c) for c in frame.columns]
-        if "patient_id" in frame.columns:
-            frame["patient_id"] = frame["patient_id"].astype(str)
-        frame = frame.astype(str).replace({"nan": "", "None": "", "<NA>": ""})
+        # As text, like a CSV; nulls become "" (pandas >= 3 keeps NaN through astype(str)).
+        frame = frame.astype(object).where(frame.notna(), "").astype(str)
     else:
         problems.append("genomics: no genomics.csv or genomics.parquet, but "
                         "modalities.genomics = true in site.toml")

@@ -163,7 +163,13 @@ def write_site_spec(path: Path, spec: SiteSpec, description: str = "") -> None:
     def q(s: str) -> str:
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    classes = ", ".join(c if c.lstrip("-").isdigit() else q(c) for c in spec.classes)
+    def is_int(s: str) -> bool:  # "01" or "١" must stay strings: not TOML integers
+        try:
+            return str(int(s)) == s
+        except ValueError:
+            return False
+
+    classes = ", ".join(c if is_int(c) else q(c) for c in spec.classes)
     lines = [f"name = {q(spec.name)}"]
     if spec.synthetic:
         lines.append("synthetic = true")

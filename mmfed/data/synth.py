@@ -20,15 +20,15 @@ from mmfed.errors import UsageError
 
 GENERATOR_VERSION = 1
 SHARED_SEVERITY_SD = 0.35  # severity heterogeneity that no modality can average out
-VIEW_NOISE_SD = {"records": 0.85, "images": 0.8, "genomics": 0.85}
+VIEW_NOISE_SD = {"records": 0.6, "images": 0.55, "genomics": 0.6}
 
 # name, mean, sd, loading on the records view, low, high, decimals, missing rate
 NUMERIC_VARS: tuple[tuple[str, float, float, float, float, float, int, float], ...] = (
-    ("age", 62.0, 11.0, 0.25, 18, 95, 0, 0.0),
+    ("age", 62.0, 11.0, 0.3, 18, 95, 0, 0.0),
     ("bmi", 27.0, 4.5, 0.0, 15, 55, 1, 0.03),
     ("systolic_bp", 132.0, 17.0, 0.0, 80, 220, 0, 0.02),
     ("diastolic_bp", 81.0, 10.0, 0.0, 40, 130, 0, 0.02),
-    ("heart_rate", 76.0, 11.0, 0.2, 35, 160, 0, 0.02),
+    ("heart_rate", 76.0, 11.0, 0.25, 35, 160, 0, 0.02),
     ("temperature", 36.8, 0.4, 0.1, 35.0, 40.5, 1, 0.02),
     ("resp_rate", 16.0, 2.5, 0.0, 8, 40, 0, 0.05),
     ("spo2", 96.5, 1.8, -0.15, 80, 100, 0, 0.03),
@@ -42,22 +42,22 @@ NUMERIC_VARS: tuple[tuple[str, float, float, float, float, float, int, float], .
     ("egfr", 82.0, 18.0, -0.1, 5, 140, 0, 0.04),
     ("alt", 27.0, 11.0, 0.0, 5, 300, 0, 0.06),
     ("ast", 25.0, 9.0, 0.1, 5, 300, 0, 0.06),
-    ("albumin", 4.1, 0.45, -0.45, 1.5, 5.5, 1, 0.05),
-    ("crp", 6.0, 4.0, 0.55, 0.1, 150, 1, 0.07),
-    ("wbc", 7.2, 1.9, 0.4, 1.5, 30, 1, 0.03),
-    ("hemoglobin", 13.6, 1.5, -0.4, 6, 19, 1, 0.03),
-    ("platelets", 250.0, 60.0, 0.3, 40, 800, 0, 0.03),
+    ("albumin", 4.1, 0.45, -0.55, 1.5, 5.5, 1, 0.05),
+    ("crp", 6.0, 4.0, 0.65, 0.1, 150, 1, 0.07),
+    ("wbc", 7.2, 1.9, 0.5, 1.5, 30, 1, 0.03),
+    ("hemoglobin", 13.6, 1.5, -0.5, 6, 19, 1, 0.03),
+    ("platelets", 250.0, 60.0, 0.4, 40, 800, 0, 0.03),
     ("sodium", 139.5, 2.8, 0.0, 120, 155, 0, 0.03),
     ("potassium", 4.2, 0.4, 0.0, 2.5, 6.5, 1, 0.03),
-    ("ldh", 190.0, 45.0, 0.5, 80, 900, 0, 0.15),
+    ("ldh", 190.0, 45.0, 0.6, 80, 900, 0, 0.15),
 )
 # name, categories, loading of the view on the category index (0 = uninformative)
 CATEGORICAL_VARS: tuple[tuple[str, tuple[str, ...], float], ...] = (
     ("sex", ("F", "M"), 0.0),
-    ("smoking", ("never", "former", "current"), 0.45),
+    ("smoking", ("never", "former", "current"), 0.5),
     ("diabetes", ("no", "yes"), 0.0),
     ("hypertension", ("no", "yes"), 0.0),
-    ("family_history", ("no", "yes"), 0.35),
+    ("family_history", ("no", "yes"), 0.4),
     ("alcohol", ("none", "moderate", "heavy"), 0.0),
 )
 N_MODULES, MODULE_SIZE, DISEASE_MODULES = 5, 20, 2
@@ -113,9 +113,8 @@ def _biology(settings: SynthSettings) -> _Biology:
     g = settings.genes
     names = [f"GENE{i + 1:04d}" for i in range(g)]
     order = rng.permutation(g)
-    n_mod = min(N_MODULES, max(1, g // MODULE_SIZE))
-    size = min(MODULE_SIZE, g // n_mod)
-    modules = [np.sort(order[k * size:(k + 1) * size]) for k in range(n_mod)]
+    size = max(1, min(MODULE_SIZE, g // (2 * N_MODULES)))  # modules never overlap
+    modules = [np.sort(order[k * size:(k + 1) * size]) for k in range(N_MODULES)]
     return _Biology(names, rng.uniform(4.0, 10.0, g), rng.uniform(0.3, 1.2, g), modules)
 
 
@@ -124,7 +123,7 @@ def _site_sizes(settings: SynthSettings) -> list[int]:
     if n == 1:
         return [settings.patients_per_site]
     factors = np.linspace(1 + settings.size_skew, 1 - settings.size_skew, n)
-    return [max(20, int(round(settings.patients_per_site * f))) for f in factors]
+    return [max(20, round(settings.patients_per_site * f)) for f in factors]
 
 
 def _prevalences(settings: SynthSettings) -> list[float]:
@@ -169,15 +168,17 @@ def _image(rng: np.random.Generator, view: float, size: int, scanner: dict[str, 
     from scipy.ndimage import gaussian_filter
 
     tissue = gaussian_filter(rng.standard_normal((size, size)), sigma=3.0)
-    img = 95.0 + 60.0 * tissue / (tissue.std() + 1e-8) * 0.25
+    img = 95.0 + 10.0 * tissue / (tissue.std() + 1e-8)
     for _ in range(1 + rng.poisson(1.5)):  # benign structures everyone has
-        r = rng.uniform(1.5, 3.5)
-        img += rng.uniform(10, 35) * _disk(size, *rng.uniform(8, size - 8, 2), r, r, 0.0)
-    burden = float(np.clip(view + 0.6, 0.0, 3.5))  # disease-driven lesion burden
+        r = rng.uniform(1.2, 2.5)
+        img += rng.uniform(10, 30) * _disk(size, *rng.uniform(size // 8, size - size // 8, 2),
+                                          r, r, 0.0)
+    burden = float(np.clip(view + 0.7, 0.0, 3.5))  # disease-driven lesion burden
     if burden > 0.05:
-        ry = 2.0 + 1.8 * burden
+        ry = 2.5 + 2.0 * burden
         rx = ry * rng.uniform(0.6, 1.0)
-        img += (25 + 20 * burden) * _disk(size, *rng.uniform(14, size - 14, 2), ry, rx,
+        img += (30 + 30 * burden) * _disk(size, *rng.uniform(size // 4, size - size // 4, 2),
+                                          ry, rx,
                                           rng.uniform(0, np.pi))
     norm = np.clip(img / 255.0, 0, 1) ** scanner["gamma"]
     out = scanner["gain"] * norm * 255.0 + scanner["offset"]
@@ -191,10 +192,10 @@ def _genomics(rng: np.random.Generator, bio: _Biology, view: np.ndarray,
     z = rng.standard_normal((n, g))
     for k, idx in enumerate(bio.modules):
         if k < DISEASE_MODULES:
-            factor = 0.85 * view + 0.5 * rng.standard_normal(n)
+            factor = 0.95 * view + 0.3 * rng.standard_normal(n)
         else:
             factor = rng.standard_normal(n)  # co-regulated, unrelated to disease
-        z[:, idx] = 0.8 * factor[:, None] + 0.6 * z[:, idx]
+        z[:, idx] = 0.85 * factor[:, None] + 0.5 * z[:, idx]
     return bio.gene_mean + bio.gene_sd * (z + batch)
 
 

@@ -1,0 +1,224 @@
+"""The run configuration: one flat, typed, validated key space.
+
+The same dotted keys (``train.lr``) work in a TOML file (as nested tables), on the
+command line (``--set train.lr=0.01``), in ``[tool.flwr.app.config]`` and in Flower's
+run config, so a run is reproducible from its ``config.toml`` whichever way it was
+started. Unknown keys, wrong types and out-of-range values are refused before
+anything starts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mmfed.errors import ConfigError
+from mmfed.model import FUSIONS, MODALITY_NAMES, ModelSpec
+from mmfed.training import TrainSpec
+
+Value = bool | int | float | str | list[str]
+
+DEFAULTS: dict[str, Value] = {
+    "seed": 0,
+    "rounds": 5,
+    "data.dir": "",  # federation folder; empty = synthesize into RUN/data
+    "data.sites": 3,
+    "data.patients_per_site": 400,
+    "data.holdout": 600,
+    "data.genes": 2000,
+    "data.patient_missing": 0.1,
+    "data.val_fraction": 0.15,
+    "model.fusion": "gated",
+    "model.embed_dim": 32,
+    "model.hidden": 64,
+    "model.dropout": 0.1,
+    "model.image_channels": 8,
+    "train.local_epochs": 1,
+    "train.batch_size": 32,
+    "train.lr": 0.001,
+    "train.weight_decay": 0.05,
+    "train.class_weighting": "balanced",
+    "train.modalities": list(MODALITY_NAMES),
+    "federation.fraction_train": 1.0,
+    "federation.min_sites": 1,
+    "federation.round_timeout": 900.0,
+    "federation.local_eval": True,
+    "simulation.cpus_per_site": 1.0,
+    "out": "",
+}
+
+
+def _in(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+
+
+def _modalities(v: list[str]) -> str | None:
+    bad = [m for m in v if m not in MODALITY_NAMES]
+    if bad or not v or len(set(v)) != len(v):
+        return f"must be a non-empty list of distinct {', '.join(MODALITY_NAMES)}"
+    return None
+
+
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "seed": _in(0, 2**31 - 1),
+    "rounds": _in(1, 10_000),
+    "data.sites": _in(1, 1000),
+    "data.patients_per_site": _in(20, 1_000_000),
+    "data.holdout": _in(20, 1_000_000),
+    "data.genes": _in(10, 100_000),
+    "data.patient_missing": _in(0.0, 0.95),
+    "data.val_fraction": _in(0.0, 0.5),
+    "model.fusion": _choice(FUSIONS),
+    "model.embed_dim": _in(2, 1024),
+    "model.hidden": _in(2, 4096),
+    "model.dropout": _in(0.0, 0.9),
+    "model.image_channels": _in(4, 256),
+    "train.local_epochs": _in(1, 1000),
+    "train.batch_size": _in(1, 65536),
+    "train.lr": _in(1e-7, 10.0),
+    "train.weight_decay": _in(0.0, 10.0),
+    "train.class_weighting": _choice(("balanced", "none")),
+    "train.modalities": _modalities,
+    "federation.fraction_train": _in(0.01, 1.0),
+    "federation.min_sites": _in(1, 1000),
+    "federation.round_timeout": _in(1.0, 86400.0),
+    "simulation.cpus_per_site": _in(0.1, 64.0),
+}
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _coerce(key: str, value: Any) -> Value:
+    """Check one value against its default's type; ints are accepted where floats are."""
+    default = DEFAULTS[key]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        if isinstance(value, str):  # Flower's run config has no lists: accept "a,b"
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {type(default).__name__}, got "
+                          f"{value!r}")
+    check = CHECKS.get(key)
+    problem = check(value) if check else None
+    if problem:
+        raise ConfigError(f"config key '{key}': {problem} (got {value!r})")
+    return value  # type: ignore[no-any-return]
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # bare words are strings: --set model.fusion=concat
+    return key, value
+
+
+class RunConfig:
+    """A validated, fully resolved configuration."""
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        self.values: dict[str, Value] = dict(DEFAULTS)
+        for key, value in (values or {}).items():
+            self.set(key, value)
+
+    def set(self, key: str, value: Any) -> None:
+        if key not in DEFAULTS:
+            close = [k for k in DEFAULTS if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        self.values[key] = _coerce(key, value)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @staticmethod
+    def load(path: Path | None = None, overrides: list[str] | None = None,
+             extra: Mapping[str, Any] | None = None) -> RunConfig:
+        """File first, then explicit command-line values (``extra``), then ``--set``."""
+        cfg = RunConfig()
+        if path is not None:
+            try:
+                tree = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: config file not found") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{path}: cannot read config ({exc})") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+            for key, value in _flatten(tree).items():
+                cfg.set(key, value)
+        for key, value in (extra or {}).items():
+            if value is not None:
+                cfg.set(key, value)
+        for item in overrides or []:
+            cfg.set(*_parse_override(item))
+        return cfg
+
+    @staticmethod
+    def from_flower(run_config: Mapping[str, Any]) -> RunConfig:
+        """From Flower's run config (pyproject defaults + ``--run-config``)."""
+        return RunConfig({k: v for k, v in run_config.items()})
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flower config records hold scalars; lists travel as comma-joined text."""
+        return {k: ",".join(v) if isinstance(v, list) else v for k, v in self.values.items()}
+
+    def to_toml(self) -> str:
+        def fmt(v: Value) -> str:
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, str):
+                return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            if isinstance(v, list):
+                return "[" + ", ".join(fmt(x) for x in v) + "]"
+            return repr(v)
+
+        top = [f"{k} = {fmt(v)}" for k, v in self.values.items() if "." not in k]
+        tables: dict[str, list[str]] = {}
+        for k, v in self.values.items():
+            if "." in k:
+                table, name = k.split(".", 1)
+                tables.setdefault(table, []).append(f"{name} = {fmt(v)}")
+        body = "\n".join(top)
+        for table, lines in tables.items():
+            body += f"\n\n[{table}]\n" + "\n".join(lines)
+        return "# mmfed resolved run configuration\n" + body + "\n"
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(fusion=self["model.fusion"], embed_dim=self["model.embed_dim"],
+                         hidden=self["model.hidden"], dropout=self["model.dropout"],
+                         image_channels=self["model.image_channels"])
+
+    def train_spec(self) -> TrainSpec:
+        return TrainSpec(epochs=self["train.local_epochs"], batch_size=self["train.batch_size"],
+                         lr=self["train.lr"], weight_decay=self["train.weight_decay"],
+                         class_weighting=self["train.class_weighting"],
+                         modalities=tuple(self["train.modalities"]))

@@ -1,0 +1,269 @@
+"""The server's round loop on Flower's Grid: schema, then train → aggregate → evaluate.
+
+Written directly on the Message API (not a stock Strategy) because later stages
+(secure aggregation, privacy declines, resume) need control over each message
+exchange. Each round's result is durable before the next one starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from mmfed import messages
+from mmfed.config import RunConfig
+from mmfed.data.reader import load_site
+from mmfed.errors import DataError, MmfedError
+from mmfed.features import FeatureSchema, LocalStats, encode, merge_stats
+from mmfed.rundir import RunDir
+
+log = logging.getLogger("mmfed")
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class SiteRef:
+    node_id: int
+    name: str
+
+
+@dataclass
+class FederationResult:
+    rounds: int
+    final: dict[str, Any]
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise MmfedError(f"only {len(nodes)} of {minimum} required sites connected "
+                             f"within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def exchange(grid: Grid, contents: dict[int, Any], message_type: str, round_num: int,
+             timeout: float) -> tuple[dict[int, Message], dict[int, str]]:
+    """Send one message per node; returns (replies with content, node -> failure reason)."""
+    out = [Message(content, node, message_type, group_id=str(round_num))
+           for node, content in contents.items()]
+    replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(out, timeout=timeout)}
+    ok: dict[int, Message] = {}
+    failed: dict[int, str] = {}
+    for node in contents:
+        reply = replies.get(node)
+        if reply is None:
+            failed[node] = f"no reply within {timeout:.0f}s"
+        elif reply.has_error():
+            failed[node] = reply.error.reason or f"error code {reply.error.code}"
+        else:
+            ok[node] = reply
+    return ok, failed
+
+
+def weighted_average(states: Iterable[tuple[dict[str, np.ndarray], float]]
+                     ) -> dict[str, np.ndarray]:
+    """FedAvg: example-weighted mean, accumulated in float64 to avoid drift."""
+    states = list(states)
+    total = sum(w for _, w in states)
+    if total <= 0:
+        raise MmfedError("no examples in this round's updates")
+    first = states[0][0]
+    out: dict[str, np.ndarray] = {}
+    for key, ref in first.items():
+        if not np.issubdtype(ref.dtype, np.floating):
+            out[key] = ref.copy()
+            continue
+        acc = np.zeros(ref.shape, dtype=np.float64)
+        for state, weight in states:
+            acc += state[key].astype(np.float64) * (weight / total)
+        out[key] = acc.astype(ref.dtype)
+    return out
+
+
+def check_update(state: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str | None:
+    """A site's update must match the global model exactly in keys, shapes and be finite."""
+    if set(state) != set(reference):
+        return "update has different parameter names than the global model"
+    for key, ref in reference.items():
+        if state[key].shape != ref.shape:
+            return f"parameter {key} has shape {state[key].shape}, expected {ref.shape}"
+        if not np.isfinite(state[key]).all():
+            return f"parameter {key} has NaN or infinite values"
+    return None
+
+
+class Federation:
+    """One federated run: holds the global model and writes the run directory."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, run: RunDir,
+                 on_round: RoundCallback | None = None, expected_sites: int | None = None,
+                 ) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.run = run
+        self.on_round = on_round
+        self.expected = expected_sites or cfg["federation.min_sites"]
+        self.timeout = float(cfg["federation.round_timeout"])
+        self.sites: dict[int, SiteRef] = {}
+        self.site_totals: dict[str, dict[str, Any]] = {}
+
+    def setup(self) -> tuple[FeatureSchema, dict[str, np.ndarray]]:
+        """Learn the federation's feature schema and build the initial global model."""
+        from mmfed.model import build_model
+
+        nodes = wait_for_nodes(self.grid, self.expected, min(self.timeout, 300.0))
+        request = messages.request(self.cfg, 0)
+        ok, failed = exchange(self.grid, dict.fromkeys(nodes, request), messages.STATS, 0,
+                              self.timeout)
+        for node, reason in failed.items():
+            log.warning("node %s left out: %s", node, reason)
+        if len(ok) < self.cfg["federation.min_sites"]:
+            reasons = "; ".join(failed.values()) or "no replies"
+            raise MmfedError(f"only {len(ok)} site(s) could start (need "
+                             f"{self.cfg['federation.min_sites']}): {reasons}")
+        stats = []
+        for node, reply in sorted(ok.items()):
+            record = dict(reply.content.config_records["site"])
+            name = str(record.pop("name"))
+            if name in {s.name for s in self.sites.values()}:
+                raise MmfedError(f"two nodes report the same site name {name!r}")
+            self.sites[node] = SiteRef(node, name)
+            stats.append(LocalStats.from_config(record))
+        schema = merge_stats(stats)
+        model = build_model(schema, self.cfg.model_spec(), seed=self.cfg["seed"])
+        state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        return schema, state
+
+    def _holdout(self, schema: FeatureSchema) -> Any:
+        root = self.cfg["data.dir"]
+        folder = Path(root) / "holdout" if root else None
+        if folder is None or not folder.is_dir():
+            raise DataError(f"no holdout folder at {folder} (the server's evaluation set)")
+        return encode(load_site(folder), schema)
+
+    def train_round(self, round_num: int, schema: FeatureSchema,
+                    state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                           dict[str, Any]]:
+        request = messages.request(self.cfg, round_num, schema, state)
+        nodes = self._sample(round_num)
+        start = time.perf_counter()
+        ok, failed = exchange(self.grid, dict.fromkeys(nodes, request), messages.TRAIN,
+                              round_num, self.timeout)
+        sites: dict[str, dict[str, Any]] = {}
+        updates: list[tuple[dict[str, np.ndarray], float]] = []
+        bytes_up = 0
+        for node, reason in failed.items():
+            name = self.sites[node].name
+            log.warning("round %d: %s dropped: %s", round_num, name, reason)
+            sites[name] = {"status": "dropped", "reason": reason}
+        for node, reply in ok.items():
+            name = self.sites[node].name
+            update = messages.arrays_to_numpy(reply.content.array_records["model"])
+            metrics = dict(reply.content.metric_records["metrics"])
+            problem = check_update(update, state)
+            if problem is not None or metrics.get("num_examples", 0) <= 0:
+                reason = problem or "reported no training examples"
+                log.warning("round %d: update from %s rejected: %s", round_num, name, reason)
+                sites[name] = {"status": "dropped", "reason": f"rejected: {reason}"}
+                continue
+            bytes_up += messages.state_bytes(update)
+            updates.append((update, float(metrics["num_examples"])))
+            sites[name] = {"num_examples": int(metrics["num_examples"]),
+                           "train_loss": float(metrics["train_loss"]),
+                           "seconds": float(metrics.get("seconds", 0.0)),
+                           "status": "trained"}
+        train_seconds = time.perf_counter() - start
+        if len(updates) < self.cfg["federation.min_sites"]:
+            log.warning("round %d: only %d update(s), need %d; keeping the previous model",
+                        round_num, len(updates), self.cfg["federation.min_sites"])
+            new_state = state
+        else:
+            new_state = weighted_average(updates)
+        info = {"sites": sites, "participants": len(updates),
+                "dropped": sum(1 for s in sites.values() if s["status"] == "dropped"),
+                "bytes": {"up": bytes_up, "down": messages.state_bytes(state) * len(nodes)},
+                "train_seconds": train_seconds}
+        return new_state, info
+
+    def _sample(self, round_num: int) -> list[int]:
+        nodes = sorted(self.sites)
+        fraction = self.cfg["federation.fraction_train"]
+        k = max(self.cfg["federation.min_sites"], round(fraction * len(nodes)))
+        if k >= len(nodes):
+            return nodes
+        rng = np.random.default_rng([self.cfg["seed"], round_num])
+        return sorted(int(n) for n in rng.choice(nodes, size=k, replace=False))
+
+    def local_eval(self, round_num: int, schema: FeatureSchema, state: dict[str, np.ndarray],
+                   sites: dict[str, dict[str, Any]]) -> None:
+        request = messages.request(self.cfg, round_num, schema, state)
+        ok, failed = exchange(self.grid, dict.fromkeys(sorted(self.sites), request),
+                              messages.EVALUATE, round_num, self.timeout)
+        for node, reply in ok.items():
+            figures = dict(reply.content.metric_records["metrics"])
+            entry = sites.setdefault(self.sites[node].name, {"status": "dropped"})
+            entry["local"] = {k: float(v) for k, v in figures.items()}
+        for node, reason in failed.items():
+            log.warning("round %d: local evaluation at %s failed: %s", round_num,
+                        self.sites[node].name, reason)
+
+    def run_rounds(self) -> FederationResult:
+        import torch
+
+        from mmfed.model import build_model
+        from mmfed.training import evaluate
+
+        schema, state = self.setup()
+        holdout = self._holdout(schema)
+        model = build_model(schema, self.cfg.model_spec())
+        modalities = tuple(self.cfg["train.modalities"])
+        rounds = self.cfg["rounds"]
+        final: dict[str, Any] = {}
+        for round_num in range(1, rounds + 1):
+            t0 = time.perf_counter()
+            state, info = self.train_round(round_num, schema, state)
+            t_eval = time.perf_counter()
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+            final = evaluate(model, holdout, modalities)
+            eval_seconds = time.perf_counter() - t_eval
+            sites = info["sites"]
+            if self.cfg["federation.local_eval"]:
+                self.local_eval(round_num, schema, state, sites)
+            self.run.save_checkpoint(round_num, state, schema, self.cfg)
+            line = {"round": round_num,
+                    "global": {k: v for k, v in final.items() if k != "n"},
+                    "sites": sites,
+                    "aggregation": {"participants": info["participants"],
+                                    "dropped": info["dropped"], "declined": 0,
+                                    "secure": False},
+                    "bytes": info["bytes"],
+                    "seconds": {"round": time.perf_counter() - t0,
+                                "train": info["train_seconds"], "evaluate": eval_seconds}}
+            self.run.append_metrics(line)
+            for name, entry in sites.items():
+                totals = self.site_totals.setdefault(name, {"rounds_trained": 0,
+                                                            "rounds_dropped": 0})
+                key = "rounds_trained" if entry["status"] == "trained" else "rounds_dropped"
+                totals[key] += 1
+            if self.on_round:
+                self.on_round(line)
+        self.run.save_model(state, schema, self.cfg, rounds)
+        return FederationResult(rounds=rounds, final={k: v for k, v in final.items()
+                                                      if k != "n"})
+
+    def site_summary(self) -> dict[str, dict[str, Any]]:
+        return {ref.name: dict(self.site_totals.get(ref.name, {"rounds_trained": 0,
+                                                               "rounds_dropped": 0}))
+                for ref in self.sites.values()}

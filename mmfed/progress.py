@@ -1,0 +1,69 @@
+"""Live progress for long runs: a rich display on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+class Progress:
+    """Shows round, sites reporting, global AUROC and elapsed time / ETA."""
+
+    def __init__(self, total_rounds: int, title: str, live: bool | None = None) -> None:
+        self.total = total_rounds
+        self.title = title
+        self.console = Console(stderr=True)
+        self.live_enabled = sys.stderr.isatty() if live is None else live
+        self.started = time.perf_counter()
+        self.rows: list[dict[str, Any]] = []
+        self._live: Live | None = None
+
+    def __enter__(self) -> Progress:
+        if self.live_enabled:
+            self._live = Live(self._table(), console=self.console, refresh_per_second=4)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+
+    def _table(self) -> Table:
+        elapsed = time.perf_counter() - self.started
+        done = len(self.rows)
+        eta = elapsed / done * (self.total - done) if done else None
+        table = Table(title=f"{self.title} — round {done}/{self.total}, "
+                      f"{elapsed:.0f}s elapsed" + (f", ETA {eta:.0f}s" if eta else ""))
+        for col in ("round", "sites", "AUROC", "accuracy", "loss", "seconds"):
+            table.add_column(col, justify="right")
+        for row in self.rows[-12:]:
+            table.add_row(*row.values())
+        return table
+
+    def round_done(self, line: dict[str, Any]) -> None:
+        g = line.get("global", {})
+        agg = line.get("aggregation", {})
+        sites = f"{agg.get('participants', 0)}/{len(line.get('sites', {}))}"
+        row = {"round": str(line.get("round", len(self.rows) + 1)), "sites": sites,
+               "auroc": _fmt(g.get("auroc")), "accuracy": _fmt(g.get("accuracy")),
+               "loss": _fmt(g.get("loss")),
+               "seconds": _fmt(line.get("seconds", {}).get("round"), 1)}
+        self.rows.append(row)
+        if self._live is not None:
+            self._live.update(self._table())
+        else:
+            self.console.print(f"[{self.title}] round {row['round']}/{self.total}: sites "
+                               f"{sites}, AUROC {row['auroc']}, loss {row['loss']} "
+                               f"({row['seconds']}s)", highlight=False)
+
+    def note(self, text: str) -> None:
+        self.console.print(text, highlight=False)

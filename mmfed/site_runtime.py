@@ -1,0 +1,134 @@
+"""What a hospital does when the server asks: report statistics, train, evaluate.
+
+Kept free of Flower types so it can be tested and reused directly; ``client_app``
+only translates messages to these calls. Data is read once per process and cached,
+because in deployment and simulation alike the same process answers many messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmfed.config import RunConfig
+from mmfed.data.reader import SiteData, list_sites, load_site
+from mmfed.errors import DataError
+from mmfed.features import EncodedSite, FeatureSchema, encode, local_stats, split_indices
+
+_SITE_CACHE: dict[tuple[str, float], SiteData] = {}
+_ENCODED_CACHE: dict[tuple[str, str], tuple[EncodedSite, EncodedSite]] = {}
+
+
+def limit_threads() -> None:
+    """One thread per site process: oversubscribing 2 cores costs up to 20x."""
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+def resolve_site_dir(node_config: dict[str, Any], cfg: RunConfig) -> Path:
+    """Deployment names the folder in node config; simulation maps partition-id to a site."""
+    explicit = node_config.get("data-dir") or node_config.get("site-dir")
+    if explicit:
+        return Path(str(explicit))
+    if "partition-id" not in node_config:
+        raise DataError("this SuperNode has no 'data-dir' in its node config")
+    root = cfg["data.dir"]
+    if not root:
+        raise DataError("run config has no data.dir for simulated sites")
+    sites = list_sites(root)
+    pid = int(node_config["partition-id"])
+    if not 0 <= pid < len(sites):
+        raise DataError(f"partition-id {pid} but {root} has only {len(sites)} site folders")
+    return sites[pid]
+
+
+def get_site(folder: Path) -> SiteData:
+    stamp = (folder / "records.csv").stat().st_mtime if (folder / "records.csv").exists() else 0
+    key = (str(folder.resolve()), stamp)
+    if key not in _SITE_CACHE:
+        _SITE_CACHE.clear()  # one site per process; do not pin stale copies
+        _SITE_CACHE[key] = load_site(folder)
+    return _SITE_CACHE[key]
+
+
+def schema_key(schema: FeatureSchema) -> str:
+    text = repr(sorted(schema.to_config().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def get_encoded(site: SiteData, schema: FeatureSchema, val_fraction: float,
+                seed: int) -> tuple[EncodedSite, EncodedSite]:
+    """(train, validation) split of the site, encoded under the federation schema."""
+    key = (site.name + f":{len(site)}:{val_fraction}:{seed}", schema_key(schema))
+    if key not in _ENCODED_CACHE:
+        _ENCODED_CACHE.clear()
+        enc = encode(site, schema)
+        tr, va = split_indices(site.ids, val_fraction, seed)
+        _ENCODED_CACHE[key] = (enc.subset(tr), enc.subset(va))
+    return _ENCODED_CACHE[key]
+
+
+def site_seed(seed: int, round_num: int, site: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{round_num}:{site}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class TrainOutcome:
+    state: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def stats_for(folder: Path) -> tuple[str, dict[str, Any]]:
+    site = get_site(folder)
+    return site.name, local_stats(site).to_config()
+
+
+def train_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
+                global_state: dict[str, np.ndarray], round_num: int) -> TrainOutcome:
+    import torch
+
+    from mmfed.model import build_model
+    from mmfed.training import train_local
+
+    limit_threads()
+    start = time.perf_counter()
+    site = get_site(folder)
+    train, _ = get_encoded(site, schema, cfg["data.val_fraction"], cfg["seed"])
+    model = build_model(schema, cfg.model_spec())
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
+    metrics = train_local(model, train, cfg.train_spec(), len(schema.classes),
+                          seed=site_seed(cfg["seed"], round_num, site.name))
+    metrics["seconds"] = time.perf_counter() - start
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    return TrainOutcome(state, metrics)
+
+
+def evaluate_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
+                   global_state: dict[str, np.ndarray]) -> dict[str, float]:
+    """Evaluate the global model on the site's own validation split."""
+    import torch
+
+    from mmfed.model import build_model
+    from mmfed.training import evaluate
+
+    limit_threads()
+    site = get_site(folder)
+    _, val = get_encoded(site, schema, cfg["data.val_fraction"], cfg["seed"])
+    if len(val) == 0:
+        return {"num_examples": 0.0}
+    model = build_model(schema, cfg.model_spec())
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
+    figures = evaluate(model, val, tuple(cfg["train.modalities"]))
+    out = {k: float(v) for k, v in figures.items() if v is not None and k != "n"}
+    out["num_examples"] = float(len(val))
+    return out

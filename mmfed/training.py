@@ -1,0 +1,125 @@
+"""Local training and evaluation of the multimodal model on one site's encoded data.
+
+The same functions serve a federated site, the server's holdout evaluation and the
+centralized reference, so the three differ only in which data they see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mmfed.features import EncodedSite
+from mmfed.metrics import classification_metrics
+from mmfed.model import MODALITY_NAMES
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Local optimisation settings (from the run config)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.001
+    weight_decay: float = 0.05
+    class_weighting: str = "balanced"  # or "none"
+    modalities: tuple[str, ...] = MODALITY_NAMES
+
+
+def restrict_modalities(enc: EncodedSite, modalities: tuple[str, ...]) -> EncodedSite:
+    """Hide modalities the run does not use (single-modality baselines, ablations)."""
+    if tuple(modalities) == MODALITY_NAMES:
+        return enc
+    keep = np.array([m in modalities for m in MODALITY_NAMES], dtype=np.float32)
+    return EncodedSite(enc.num, enc.num_missing, enc.cat, enc.image, enc.genomics,
+                       enc.mask * keep, enc.labels)
+
+
+def tensor_dataset(enc: EncodedSite) -> TensorDataset:
+    return TensorDataset(torch.from_numpy(enc.num), torch.from_numpy(enc.num_missing),
+                         torch.from_numpy(enc.cat), torch.from_numpy(enc.image),
+                         torch.from_numpy(enc.genomics), torch.from_numpy(enc.mask),
+                         torch.from_numpy(enc.labels))
+
+
+def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor:
+    """Inverse-frequency weights normalised to mean 1; absent classes get weight 1."""
+    if mode == "none":
+        return torch.ones(n_classes)
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.ones(n_classes)
+    w[present] = counts[present].sum() / (present.sum() * counts[present])
+    return torch.tensor(w / w[present].mean(), dtype=torch.float32)
+
+
+def make_loss(labels: np.ndarray, n_classes: int, spec: TrainSpec) -> nn.CrossEntropyLoss:
+    return nn.CrossEntropyLoss(weight=class_weights(labels, n_classes, spec.class_weighting))
+
+
+def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                 loss_fn: nn.Module, epochs: int, device: torch.device) -> tuple[float, int]:
+    """Plain training loop; returns (mean loss over batches, optimizer steps)."""
+    model.train()
+    total, batches = 0.0, 0
+    for _ in range(epochs):
+        for batch in loader:
+            *inputs, y = (t.to(device) for t in batch)
+            if y.numel() == 0:  # Poisson sampling (DP) can draw an empty batch
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(*inputs), y)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            batches += 1
+    return total / max(batches, 1), batches
+
+
+def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def train_local(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes: int,
+                seed: int, device: torch.device | None = None) -> dict[str, float]:
+    """Non-private local training (the DP path wraps the same loop)."""
+    device = device or torch.device("cpu")
+    model.to(device)
+    enc = restrict_modalities(enc, spec.modalities)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(tensor_dataset(enc), batch_size=spec.batch_size, shuffle=True,
+                        generator=gen)
+    loss_fn = make_loss(enc.labels, n_classes, spec).to(device)
+    torch.manual_seed(seed)  # dropout masks
+    loss, steps = train_epochs(model, loader, make_optimizer(model, spec), loss_fn,
+                               spec.epochs, device)
+    return {"train_loss": loss, "steps": float(steps), "num_examples": float(len(enc))}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, enc: EncodedSite, modalities: tuple[str, ...] = MODALITY_NAMES,
+            batch_size: int = 256, device: torch.device | None = None
+            ) -> tuple[np.ndarray, float]:
+    """Class probabilities and the mean (unweighted) cross-entropy."""
+    device = device or torch.device("cpu")
+    model.to(device)
+    model.eval()
+    enc = restrict_modalities(enc, modalities)
+    loader = DataLoader(tensor_dataset(enc), batch_size=batch_size, shuffle=False)
+    probs, total = [], 0.0
+    for batch in loader:
+        *inputs, y = (t.to(device) for t in batch)
+        logits = model(*inputs)
+        total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+    return np.concatenate(probs), total / max(len(enc), 1)
+
+
+def evaluate(model: nn.Module, enc: EncodedSite, modalities: tuple[str, ...] = MODALITY_NAMES,
+             device: torch.device | None = None) -> dict[str, float | None]:
+    probs, loss = predict(model, enc, modalities, device=device)
+    return classification_metrics(probs, enc.labels, loss)
