@@ -236,12 +236,22 @@ def encode(site: SiteData, schema: FeatureSchema) -> EncodedSite:
     return EncodedSite(num, miss, cat, image, genomics, mask, site.labels.astype(np.int64))
 
 
-def split_indices(ids: list[str], val_fraction: float, seed: int) -> tuple[np.ndarray,
-                                                                           np.ndarray]:
-    """Deterministic train/validation split by patient id (stable across reruns)."""
+def split_indices(ids: list[str], labels: np.ndarray, val_fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/validation split, stratified by label, keyed by patient id.
+
+    Within each class the patients with the smallest keyed hashes go to validation, so
+    the split is stable across reruns and small sites still get both classes there.
+    """
     keys = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{pid}".encode(),
                                                     digest_size=8).digest(), "little")
                      for pid in ids], dtype=np.uint64)
-    cut = np.uint64(int(val_fraction * 2**64)) if val_fraction > 0 else np.uint64(0)
-    val = keys < cut
+    val = np.zeros(len(ids), dtype=bool)
+    if val_fraction > 0:
+        for cls in np.unique(labels):
+            members = np.flatnonzero(labels == cls)
+            take = int(round(val_fraction * len(members)))
+            if take >= len(members):
+                take = len(members) - 1  # keep at least one for training
+            val[members[np.argsort(keys[members], kind="stable")[:take]]] = True
     return np.flatnonzero(~val), np.flatnonzero(val)

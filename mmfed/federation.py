@@ -171,7 +171,7 @@ class Federation:
         for node, reply in ok.items():
             name = self.sites[node].name
             update = messages.arrays_to_numpy(reply.content.array_records["model"])
-            metrics = dict(reply.content.metric_records["metrics"])
+            metrics = messages.metrics_of(reply.content)
             problem = check_update(update, state)
             if problem is not None or metrics.get("num_examples", 0) <= 0:
                 reason = problem or "reported no training examples"
@@ -212,7 +212,7 @@ class Federation:
         ok, failed = exchange(self.grid, dict.fromkeys(sorted(self.sites), request),
                               messages.EVALUATE, round_num, self.timeout)
         for node, reply in ok.items():
-            figures = dict(reply.content.metric_records["metrics"])
+            figures = messages.metrics_of(reply.content)
             entry = sites.setdefault(self.sites[node].name, {"status": "dropped"})
             entry["local"] = {k: float(v) for k, v in figures.items()}
         for node, reason in failed.items():

@@ -52,7 +52,8 @@ class Progress:
     def round_done(self, line: dict[str, Any]) -> None:
         g = line.get("global", {})
         agg = line.get("aggregation", {})
-        sites = f"{agg.get('participants', 0)}/{len(line.get('sites', {}))}"
+        n_sites = len(line.get("sites", {}))
+        sites = f"{agg.get('participants', 0)}/{n_sites}" if n_sites else "pooled"
         row = {"round": str(line.get("round", len(self.rows) + 1)), "sites": sites,
                "auroc": _fmt(g.get("auroc")), "accuracy": _fmt(g.get("accuracy")),
                "loss": _fmt(g.get("loss")),
@@ -61,7 +62,7 @@ class Progress:
         if self._live is not None:
             self._live.update(self._table())
         else:
-            self.console.print(f"[{self.title}] round {row['round']}/{self.total}: sites "
+            self.console.print(f"{self.title}: round {row['round']}/{self.total}: sites "
                                f"{sites}, AUROC {row['auroc']}, loss {row['loss']} "
                                f"({row['seconds']}s)", highlight=False)
 

@@ -78,8 +78,14 @@ def prepare_run(cfg: RunConfig, out: Path, *, fresh: bool = True) -> tuple[RunCo
 def quiet_flower(debug: bool) -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    mmfed_log = logging.getLogger("mmfed")
+    if not mmfed_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("mmfed: %(levelname)s: %(message)s"))
+        mmfed_log.addHandler(handler)
+        mmfed_log.setLevel(logging.DEBUG if debug else logging.INFO)
     if not debug:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*deprecated.*")
 
@@ -87,8 +93,9 @@ def quiet_flower(debug: bool) -> None:
 def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
                    debug: bool = False) -> None:
     """Run the federation on Ray: one virtual SuperNode per site folder."""
-    quiet_flower(debug)
     from flwr.simulation import run_simulation as flwr_run_simulation
+
+    quiet_flower(debug)  # after the import: flwr sets its logger up when imported
 
     from mmfed.client_app import app as client_app
     from mmfed.progress import Progress

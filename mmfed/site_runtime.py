@@ -72,7 +72,7 @@ def get_encoded(site: SiteData, schema: FeatureSchema, val_fraction: float,
     if key not in _ENCODED_CACHE:
         _ENCODED_CACHE.clear()
         enc = encode(site, schema)
-        tr, va = split_indices(site.ids, val_fraction, seed)
+        tr, va = split_indices(site.ids, site.labels, val_fraction, seed)
         _ENCODED_CACHE[key] = (enc.subset(tr), enc.subset(va))
     return _ENCODED_CACHE[key]
 

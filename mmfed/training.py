@@ -7,6 +7,7 @@ centralized reference, so the three differ only in which data they see.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ def make_loss(labels: np.ndarray, n_classes: int, spec: TrainSpec) -> nn.CrossEn
     return nn.CrossEntropyLoss(weight=class_weights(labels, n_classes, spec.class_weighting))
 
 
-def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+def train_epochs(model: nn.Module, loader: DataLoader[Any], optimizer: torch.optim.Optimizer,
                  loss_fn: nn.Module, epochs: int, device: torch.device) -> tuple[float, int]:
     """Plain training loop; returns (mean loss over batches, optimizer steps)."""
     model.train()

@@ -171,15 +171,14 @@ def _image(rng: np.random.Generator, view: float, size: int, scanner: dict[str, 
     img = 95.0 + 10.0 * tissue / (tissue.std() + 1e-8)
     for _ in range(1 + rng.poisson(1.5)):  # benign structures everyone has
         r = rng.uniform(1.2, 2.5)
-        img += rng.uniform(10, 30) * _disk(size, *rng.uniform(size // 8, size - size // 8, 2),
-                                          r, r, 0.0)
+        cy, cx = rng.uniform(size // 8, size - size // 8, 2)
+        img += rng.uniform(10, 30) * _disk(size, cy, cx, r, r, 0.0)
     burden = float(np.clip(view + 0.7, 0.0, 3.5))  # disease-driven lesion burden
     if burden > 0.05:
         ry = 2.5 + 2.0 * burden
         rx = ry * rng.uniform(0.6, 1.0)
-        img += (30 + 30 * burden) * _disk(size, *rng.uniform(size // 4, size - size // 4, 2),
-                                          ry, rx,
-                                          rng.uniform(0, np.pi))
+        cy, cx = rng.uniform(size // 4, size - size // 4, 2)
+        img += (30 + 30 * burden) * _disk(size, cy, cx, ry, rx, rng.uniform(0, np.pi))
     norm = np.clip(img / 255.0, 0, 1) ** scanner["gamma"]
     out = scanner["gain"] * norm * 255.0 + scanner["offset"]
     out += scanner["noise"] * rng.standard_normal((size, size))
