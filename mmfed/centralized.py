@@ -37,7 +37,6 @@ def pooled_training_data(cfg: RunConfig) -> tuple[Any, EncodedSite, EncodedSite]
 
 
 def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, Any]:
-    import torch
 
     from mmfed.model import build_model
     from mmfed.site_runtime import limit_threads, site_seed
@@ -60,7 +59,7 @@ def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, A
                 "aggregation": {"participants": 0, "dropped": 0, "declined": 0,
                                 "secure": False},
                 "bytes": {"up": 0, "down": 0},
-                "train": {"loss": stats["train_loss"], "num_examples": int(len(train))},
+                "train": {"loss": stats["train_loss"], "num_examples": len(train)},
                 "seconds": {"round": time.perf_counter() - t0}}
         run.append_metrics(line)
         if log is not None:
@@ -70,7 +69,7 @@ def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, A
     run.save_model(state, schema, cfg, epochs)
     summary = {"rounds": epochs, "final": final, "sites": {},
                "wall_seconds": round(time.perf_counter() - started, 2),
-               "mode": "centralized", "num_examples": int(len(train)),
+               "mode": "centralized", "num_examples": len(train),
                "label_balance": np.bincount(train.labels).tolist()}
     run.write_summary(summary)
     return summary

@@ -16,6 +16,7 @@ from typing import Any
 
 from mmfed.errors import ConfigError
 from mmfed.model import FUSIONS, MODALITY_NAMES, ModelSpec
+from mmfed.toml_text import toml_value
 from mmfed.training import TrainSpec
 
 Value = bool | int | float | str | list[str]
@@ -138,6 +139,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()  # bare words are strings: --set model.fusion=concat
+    if isinstance(DEFAULTS.get(key), str) and not isinstance(value, str):
+        value = text.strip()  # string keys take the text as written: --set out=2024
     return key, value
 
 
@@ -145,7 +148,8 @@ class RunConfig:
     """A validated, fully resolved configuration."""
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
-        self.values: dict[str, Value] = dict(DEFAULTS)
+        self.values: dict[str, Value] = {k: list(v) if isinstance(v, list) else v
+                                         for k, v in DEFAULTS.items()}
         for key, value in (values or {}).items():
             self.set(key, value)
 
@@ -192,21 +196,12 @@ class RunConfig:
         return {k: ",".join(v) if isinstance(v, list) else v for k, v in self.values.items()}
 
     def to_toml(self) -> str:
-        def fmt(v: Value) -> str:
-            if isinstance(v, bool):
-                return "true" if v else "false"
-            if isinstance(v, str):
-                return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            if isinstance(v, list):
-                return "[" + ", ".join(fmt(x) for x in v) + "]"
-            return repr(v)
-
-        top = [f"{k} = {fmt(v)}" for k, v in self.values.items() if "." not in k]
+        top = [f"{k} = {toml_value(v)}" for k, v in self.values.items() if "." not in k]
         tables: dict[str, list[str]] = {}
         for k, v in self.values.items():
             if "." in k:
                 table, name = k.split(".", 1)
-                tables.setdefault(table, []).append(f"{name} = {fmt(v)}")
+                tables.setdefault(table, []).append(f"{name} = {toml_value(v)}")
         body = "\n".join(top)
         for table, lines in tables.items():
             body += f"\n\n[{table}]\n" + "\n".join(lines)

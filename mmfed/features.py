@@ -250,7 +250,7 @@ def split_indices(ids: list[str], labels: np.ndarray, val_fraction: float,
     if val_fraction > 0:
         for cls in np.unique(labels):
             members = np.flatnonzero(labels == cls)
-            take = int(round(val_fraction * len(members)))
+            take = round(val_fraction * len(members))
             if take >= len(members):
                 take = len(members) - 1  # keep at least one for training
             val[members[np.argsort(keys[members], kind="stable")[:take]]] = True

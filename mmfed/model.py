@@ -97,6 +97,22 @@ class ConcatFusion(nn.Module):
         return torch.cat([masked.flatten(1), mask], dim=1)
 
 
+class ModalityBias(nn.Module):
+    """A learned per-modality logit offset.
+
+    Its own one-input module so that Opacus computes per-sample gradients for it; a bare
+    parameter on the two-input fusion module would force Opacus's generic fallback,
+    which replays forward with the first input only.
+    """
+
+    def __init__(self, n_modalities: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(n_modalities))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.bias
+
+
 class GatedAttentionFusion(nn.Module):
     """Learned per-modality attention weights over the modalities a patient has.
 
@@ -109,12 +125,12 @@ class GatedAttentionFusion(nn.Module):
         self.value = nn.Linear(dim, hidden)
         self.gate = nn.Linear(dim, hidden)
         self.score = nn.Linear(hidden, 1)
-        self.modality_bias = nn.Parameter(torch.zeros(n_modalities))
+        self.modality_bias = ModalityBias(n_modalities)
         self.out_dim = dim
 
     def weights(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.value(embeddings)) * torch.sigmoid(self.gate(embeddings))
-        logits = self.score(h).squeeze(-1) + self.modality_bias
+        logits = self.modality_bias(self.score(h).squeeze(-1))
         logits = logits.masked_fill(mask < 0.5, -1e4)
         return torch.softmax(logits, dim=1) * mask
 

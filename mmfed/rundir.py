@@ -40,8 +40,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def finite(obj: Any) -> Any:
+    """JSON has no NaN: a diverged loss is written as null rather than invalid JSON."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_json_default, allow_nan=False)
+    return json.dumps(finite(obj), default=_json_default, allow_nan=False)
 
 
 def model_payload(state: dict[str, np.ndarray], schema: FeatureSchema, cfg: RunConfig,
@@ -88,7 +99,8 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_bytes(self.path / "summary.json",
-                           (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
+                           (json.dumps(finite(summary), indent=2, default=_json_default,
+                                       allow_nan=False) + "\n").encode())
 
 
 def read_metrics(run: Path | str) -> list[dict[str, Any]]:

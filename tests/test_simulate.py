@@ -64,9 +64,9 @@ def test_run_directory_contract(small_run: tuple[Path, str]) -> None:
 
 @pytest.mark.slow
 def test_model_file_rebuilds_and_reproduces_holdout_auroc(small_run: tuple[Path, str]) -> None:
+    from mmfed.config import RunConfig
     from mmfed.data import load_site
     from mmfed.features import FeatureSchema, encode
-    from mmfed.config import RunConfig
     from mmfed.model import build_model
     from mmfed.training import evaluate
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmfed.toml_text import toml_string, toml_value
+
 MODALITIES = ("records", "images", "genomics")
 OPTIONAL_MODALITIES = ("images", "genomics")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -160,22 +162,19 @@ def parse_site_spec(path: Path) -> tuple[SiteSpec | None, list[str]]:
 
 def write_site_spec(path: Path, spec: SiteSpec, description: str = "") -> None:
     """Write a ``site.toml`` (used by the synthetic cohort and the examples)."""
-    def q(s: str) -> str:
-        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
     def is_int(s: str) -> bool:  # "01" or "١" must stay strings: not TOML integers
         try:
             return str(int(s)) == s
         except ValueError:
             return False
 
-    classes = ", ".join(c if is_int(c) else q(c) for c in spec.classes)
-    lines = [f"name = {q(spec.name)}"]
+    classes = ", ".join(c if is_int(c) else toml_string(c) for c in spec.classes)
+    lines = [f"name = {toml_string(spec.name)}"]
     if spec.synthetic:
         lines.append("synthetic = true")
     if description:
-        lines.append(f"description = {q(description)}")
-    lines += ["", "[task]", f"label = {q(spec.label)}", f"classes = [{classes}]", "",
+        lines.append(f"description = {toml_string(description)}")
+    lines += ["", "[task]", f"label = {toml_string(spec.label)}", f"classes = [{classes}]", "",
               "[modalities]"]
     lines += [f"{m} = {'true' if spec.has(m) else 'false'}" for m in MODALITIES]
     if spec.image_size is not None and spec.has("images"):
@@ -183,7 +182,7 @@ def write_site_spec(path: Path, spec: SiteSpec, description: str = "") -> None:
     if spec.categorical or spec.numeric:
         lines += ["", "[records]"]
         if spec.categorical:
-            lines.append("categorical = [" + ", ".join(q(c) for c in spec.categorical) + "]")
+            lines.append(f"categorical = {toml_value(list(spec.categorical))}")
         if spec.numeric:
-            lines.append("numeric = [" + ", ".join(q(c) for c in spec.numeric) + "]")
+            lines.append(f"numeric = {toml_value(list(spec.numeric))}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
