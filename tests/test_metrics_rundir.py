@@ -160,13 +160,13 @@ def test_metrics_lines_are_valid_json(tmp_path: Path) -> None:
     assert read_metrics(tmp_path / "run") == parsed
 
 
-def test_nan_metric_is_refused_and_leaves_file_intact(tmp_path: Path) -> None:
+def test_nan_metric_is_written_as_null_and_file_stays_valid(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     run.append_metrics({"round": 1, "loss": 0.5})
-    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
-    with pytest.raises(ValueError):
-        run.append_metrics({"round": 2, "loss": float("nan")})
-    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+    run.append_metrics({"round": 2, "loss": float("nan")})
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [{"round": 1, "loss": 0.5},
+                                              {"round": 2, "loss": None}]
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
