@@ -23,12 +23,12 @@ demo: $(STAMP)
 	$(VENV)/bin/mmfed simulate --out runs/demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check mmfed tests benchmarks examples
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy mmfed
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mmfed tests benchmarks examples
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy mmfed
 
 clean:
