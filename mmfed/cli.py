@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int, help="federated rounds")
     sim.add_argument("--no-progress", action="store_true", help="plain log lines instead "
                      "of the live display")
+    sim.add_argument("--no-dp", action="store_true", help="train WITHOUT differential "
+                     "privacy (debugging only; warns every round)")
 
     cen = sub.add_parser("centralized", help="train the same model on all sites' data pooled "
                          "(the non-federated reference)")

@@ -44,7 +44,8 @@ def train(msg: Message, context: Context) -> Message:
     if schema is None or state is None:
         raise MmfedError("train request without schema or model")
     folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
-    outcome = site_runtime.train_round(folder, cfg, schema, state, round_num)
+    outcome = site_runtime.train_round(folder, cfg, schema, state, round_num,
+                                       dict(context.node_config))
     name = site_runtime.get_site(folder).name
     return Message(messages.reply_content(name, state=outcome.state, metrics=outcome.metrics),
                    reply_to=msg)

@@ -9,6 +9,7 @@ anything starts.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,8 +48,22 @@ DEFAULTS: dict[str, Value] = {
     "federation.round_timeout": 900.0,
     "federation.local_eval": True,
     "simulation.cpus_per_site": 1.0,
+    "privacy.enabled": True,
+    "privacy.epsilon": 8.0,
+    "privacy.delta": 1e-5,
+    "privacy.max_grad_norm": 1.0,
+    "privacy.accountant": "rdp",
+    "privacy.max_noise_multiplier": 10.0,
+    "privacy.grad_sample_mode": "ghost",
+    "privacy.ledger_dir": "",  # empty: ~/.mmfed/privacy-ledger
     "out": "",
+    "run_id": "",  # set when the run directory is created
 }
+# Per-site policies in simulation: privacy.site.<site name>.<field>, e.g.
+# privacy.site.site-3.epsilon = 1.0 (a site can be stricter than the server, never looser).
+SITE_POLICY_FIELDS = ("enabled", "epsilon", "delta", "max_grad_norm", "accountant",
+                      "max_noise_multiplier")
+_SITE_KEY = re.compile(r"^privacy\.site\.([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.([a-z_]+)$")
 
 
 def _in(lo: float, hi: float) -> Callable[[Any], str | None]:
@@ -90,7 +105,23 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "federation.min_sites": _in(1, 1000),
     "federation.round_timeout": _in(1.0, 86400.0),
     "simulation.cpus_per_site": _in(0.1, 64.0),
+    "privacy.epsilon": _in(1e-3, 1000.0),
+    "privacy.delta": _in(1e-12, 0.1),
+    "privacy.max_grad_norm": _in(1e-4, 1000.0),
+    "privacy.accountant": _choice(("rdp", "prv")),
+    "privacy.max_noise_multiplier": _in(0.1, 1000.0),
+    "privacy.grad_sample_mode": _choice(("ghost", "hooks")),
 }
+
+
+def _default_key(key: str) -> str | None:
+    """The key whose default and check apply to ``key`` (itself, or a site policy field)."""
+    if key in DEFAULTS:
+        return key
+    match = _SITE_KEY.match(key)
+    if match and match.group(2) in SITE_POLICY_FIELDS:
+        return f"privacy.{match.group(2)}"
+    return None
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -106,7 +137,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _coerce(key: str, value: Any) -> Value:
     """Check one value against its default's type; ints are accepted where floats are."""
-    default = DEFAULTS[key]
+    base = _default_key(key) or key
+    default = DEFAULTS[base]
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -123,7 +155,7 @@ def _coerce(key: str, value: Any) -> Value:
     if not ok:
         raise ConfigError(f"config key '{key}': expected {type(default).__name__}, got "
                           f"{value!r}")
-    check = CHECKS.get(key)
+    check = CHECKS.get(base)
     problem = check(value) if check else None
     if problem:
         raise ConfigError(f"config key '{key}': {problem} (got {value!r})")
@@ -154,7 +186,7 @@ class RunConfig:
             self.set(key, value)
 
     def set(self, key: str, value: Any) -> None:
-        if key not in DEFAULTS:
+        if _default_key(key) is None:
             close = [k for k in DEFAULTS if k.split(".")[-1] == key.split(".")[-1]]
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"unknown config key '{key}'{hint}")
@@ -206,6 +238,19 @@ class RunConfig:
         for table, lines in tables.items():
             body += f"\n\n[{table}]\n" + "\n".join(lines)
         return "# mmfed resolved run configuration\n" + body + "\n"
+
+    def privacy_request(self) -> dict[str, Any]:
+        """The server's privacy settings: what every site must at least meet."""
+        return {f: self[f"privacy.{f}"] for f in SITE_POLICY_FIELDS}
+
+    def site_privacy(self, site: str) -> dict[str, Any]:
+        """A simulated site's own policy: the run's settings with its per-site entries."""
+        policy = self.privacy_request()
+        for field in SITE_POLICY_FIELDS:
+            key = f"privacy.site.{site}.{field}"
+            if key in self.values:
+                policy[field] = self.values[key]
+        return policy
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(fusion=self["model.fusion"], embed_dim=self["model.embed_dim"],

@@ -27,6 +27,8 @@ from mmfed.rundir import RunDir
 
 log = logging.getLogger("mmfed")
 RoundCallback = Callable[[dict[str, Any]], None]
+PRIVACY_FIGURES = ("epsilon", "delta", "epsilon_budget", "epsilon_projected", "sigma",
+                   "sample_rate")
 
 
 @dataclass
@@ -170,8 +172,23 @@ class Federation:
             sites[name] = {"status": "dropped", "reason": reason}
         for node, reply in ok.items():
             name = self.sites[node].name
-            update = messages.arrays_to_numpy(reply.content.array_records["model"])
             metrics = messages.metrics_of(reply.content)
+            privacy = {k: metrics[k] for k in PRIVACY_FIGURES if k in metrics}
+            if metrics.get("declined"):
+                log.warning("round %d: %s declined: its privacy budget would be exceeded "
+                            "(ε %.3f spent, %.3f after this round, budget %.3f)", round_num,
+                            name, metrics.get("epsilon", float("nan")),
+                            metrics.get("epsilon_projected", float("nan")),
+                            metrics.get("epsilon_budget", float("nan")))
+                sites[name] = {"status": "declined", **privacy}
+                continue
+            if "model" not in reply.content.array_records:
+                sites[name] = {"status": "dropped", "reason": "reply without a model"}
+                continue
+            if not metrics.get("private"):
+                log.warning("round %d: %s trained WITHOUT differential privacy", round_num,
+                            name)
+            update = messages.arrays_to_numpy(reply.content.array_records["model"])
             problem = check_update(update, state)
             if problem is not None or metrics.get("num_examples", 0) <= 0:
                 reason = problem or "reported no training examples"
@@ -183,7 +200,7 @@ class Federation:
             sites[name] = {"num_examples": int(metrics["num_examples"]),
                            "train_loss": float(metrics["train_loss"]),
                            "seconds": float(metrics.get("seconds", 0.0)),
-                           "status": "trained"}
+                           "status": "trained", **privacy}
         train_seconds = time.perf_counter() - start
         if len(updates) < self.cfg["federation.min_sites"]:
             log.warning("round %d: only %d update(s), need %d; keeping the previous model",
@@ -193,6 +210,7 @@ class Federation:
             new_state = weighted_average(updates)
         info = {"sites": sites, "participants": len(updates),
                 "dropped": sum(1 for s in sites.values() if s["status"] == "dropped"),
+                "declined": sum(1 for s in sites.values() if s["status"] == "declined"),
                 "bytes": {"up": bytes_up, "down": messages.state_bytes(state) * len(nodes)},
                 "train_seconds": train_seconds}
         return new_state, info
@@ -233,6 +251,9 @@ class Federation:
         final: dict[str, Any] = {}
         for round_num in range(1, rounds + 1):
             t0 = time.perf_counter()
+            if not self.cfg["privacy.enabled"]:
+                log.warning("round %d: differential privacy is OFF (--no-dp); for debugging "
+                            "only", round_num)
             state, info = self.train_round(round_num, schema, state)
             t_eval = time.perf_counter()
             model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
@@ -246,17 +267,20 @@ class Federation:
                     "global": {k: v for k, v in final.items() if k != "n"},
                     "sites": sites,
                     "aggregation": {"participants": info["participants"],
-                                    "dropped": info["dropped"], "declined": 0,
-                                    "secure": False},
+                                    "dropped": info["dropped"],
+                                    "declined": info["declined"],
+                                    "secure": False,
+                                    "private": self.cfg["privacy.enabled"]},
                     "bytes": info["bytes"],
                     "seconds": {"round": time.perf_counter() - t0,
                                 "train": info["train_seconds"], "evaluate": eval_seconds}}
             self.run.append_metrics(line)
             for name, entry in sites.items():
-                totals = self.site_totals.setdefault(name, {"rounds_trained": 0,
-                                                            "rounds_dropped": 0})
-                key = "rounds_trained" if entry["status"] == "trained" else "rounds_dropped"
-                totals[key] += 1
+                totals = self.site_totals.setdefault(name, {})
+                key = f"rounds_{entry['status']}"
+                totals[key] = totals.get(key, 0) + 1
+                totals.update({k: entry[k] for k in ("epsilon", "delta", "epsilon_budget")
+                               if k in entry})
             if self.on_round:
                 self.on_round(line)
         self.run.save_model(state, schema, self.cfg, rounds)
@@ -264,6 +288,11 @@ class Federation:
                                                       if k != "n"})
 
     def site_summary(self) -> dict[str, dict[str, Any]]:
-        return {ref.name: dict(self.site_totals.get(ref.name, {"rounds_trained": 0,
-                                                               "rounds_dropped": 0}))
-                for ref in self.sites.values()}
+        out = {}
+        for ref in self.sites.values():
+            totals = self.site_totals.get(ref.name, {})
+            out[ref.name] = {"epsilon": totals.get("epsilon"), "delta": totals.get("delta"),
+                             "epsilon_budget": totals.get("epsilon_budget"),
+                             **{f"rounds_{s}": totals.get(f"rounds_{s}", 0)
+                                for s in ("trained", "declined", "dropped")}}
+        return out

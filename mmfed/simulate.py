@@ -71,6 +71,10 @@ def prepare_run(cfg: RunConfig, out: Path, *, fresh: bool = True) -> tuple[RunCo
         raise UsageError(f"federation.min_sites = {cfg['federation.min_sites']} but the "
                          f"federation has {len(sites)} site(s)")
     cfg.set("out", str(out))
+    if not cfg["run_id"]:
+        import uuid
+
+        cfg.set("run_id", uuid.uuid4().hex)
     run.write_config(cfg)
     return cfg, run
 
@@ -120,7 +124,8 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
 
 def simulate_from_args(args: argparse.Namespace) -> int:
     extra = {"seed": args.seed, "rounds": args.rounds, "data.sites": args.sites,
-             "data.dir": str(args.data) if args.data else None}
+             "data.dir": str(args.data) if args.data else None,
+             "privacy.enabled": False if args.no_dp else None}
     cfg = RunConfig.load(args.config, args.overrides, extra)
     if args.data and args.sites:
         raise UsageError("--sites only applies to synthesized data; with --data the "

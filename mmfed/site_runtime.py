@@ -20,6 +20,7 @@ from mmfed.config import RunConfig
 from mmfed.data.reader import SiteData, list_sites, load_site
 from mmfed.errors import DataError
 from mmfed.features import EncodedSite, FeatureSchema, encode, local_stats, split_indices
+from mmfed.privacy.policy import PrivacyPolicy, load_policy, policy_from_mapping
 
 _SITE_CACHE: dict[tuple[str, float], SiteData] = {}
 _ENCODED_CACHE: dict[tuple[str, str], tuple[EncodedSite, EncodedSite]] = {}
@@ -84,8 +85,17 @@ def site_seed(seed: int, round_num: int, site: str) -> int:
 
 @dataclass
 class TrainOutcome:
-    state: dict[str, np.ndarray]
+    state: dict[str, np.ndarray] | None  # None when the site declined the round
     metrics: dict[str, float]
+
+
+def site_policy(node_config: dict[str, Any], cfg: RunConfig, site: str) -> PrivacyPolicy:
+    """The site's own policy (a file in deployment, run config in simulation), tightened
+    by whatever the server asks for; never loosened."""
+    path = node_config.get("policy")
+    own = (load_policy(str(path)) if path else
+           policy_from_mapping(cfg.site_privacy(site), f"run config for {site}"))
+    return own.tightened(policy_from_mapping(cfg.privacy_request(), "server request"))
 
 
 def stats_for(folder: Path) -> tuple[str, dict[str, Any]]:
@@ -94,7 +104,8 @@ def stats_for(folder: Path) -> tuple[str, dict[str, Any]]:
 
 
 def train_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
-                global_state: dict[str, np.ndarray], round_num: int) -> TrainOutcome:
+                global_state: dict[str, np.ndarray], round_num: int,
+                node_config: dict[str, Any] | None = None) -> TrainOutcome:
     import torch
 
     from mmfed.model import build_model
@@ -102,12 +113,38 @@ def train_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
 
     limit_threads()
     start = time.perf_counter()
+    node_config = node_config or {}
     site = get_site(folder)
     train, _ = get_encoded(site, schema, cfg["data.val_fraction"], cfg["seed"])
+    spec = cfg.train_spec()
+    policy = site_policy(node_config, cfg, site.name)
     model = build_model(schema, cfg.model_spec())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
-    metrics = train_local(model, train, cfg.train_spec(), len(schema.classes),
-                          seed=site_seed(cfg["seed"], round_num, site.name))
+    seed = site_seed(cfg["seed"], round_num, site.name)
+    if not policy.enabled:
+        metrics = train_local(model, train, spec, len(schema.classes), seed=seed)
+        metrics.update(private=0.0)
+    else:
+        from mmfed.privacy.budget import SiteBudget
+        from mmfed.privacy.dp_sgd import train_private
+
+        budget = SiteBudget(folder, policy, str(node_config.get("ledger-dir") or
+                                                cfg["privacy.ledger_dir"]),
+                            site.name, cfg["run_id"] or "unnamed-run")
+        plan = budget.plan_round(len(train), spec.batch_size, spec.epochs, round_num,
+                                 cfg["rounds"])
+        figures = {"private": 1.0, "delta": policy.delta, "epsilon_budget": policy.epsilon,
+                   "sigma": plan.sigma, "sample_rate": plan.sample_rate}
+        if plan.declined:
+            return TrainOutcome(None, {**figures, "declined": 1.0, "epsilon": plan.spent,
+                                       "epsilon_projected": plan.projected,
+                                       "seconds": time.perf_counter() - start})
+        result = train_private(model, train, spec, len(schema.classes), plan.sigma,
+                               policy.max_grad_norm, seed,
+                               mode=cfg["privacy.grad_sample_mode"])
+        entry = budget.record(plan, result.steps, round_num)  # before the update leaves
+        metrics = {**figures, "train_loss": result.train_loss, "steps": float(result.steps),
+                   "num_examples": float(len(train)), "epsilon": entry.epsilon}
     metrics["seconds"] = time.perf_counter() - start
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     return TrainOutcome(state, metrics)

@@ -1,0 +1,1 @@
+"""Site-owned differential privacy: policy, accounting, the durable ledger, DP-SGD."""

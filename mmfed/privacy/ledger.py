@@ -1,0 +1,137 @@
+"""The site's privacy ledger: every release of a trained update, durably recorded.
+
+One JSON-lines file per dataset fingerprint, outside any run directory, rewritten
+atomically (temporary file, fsync, rename) under an exclusive lock. An entry is
+written before the update leaves the site, so a crash can only over-count spending,
+never under-count it. The ledger stores the (σ, q, steps) events themselves; ε is
+recomputed from them, so restarts compose exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmfed.errors import DataError
+from mmfed.privacy.accounting import Event, epsilon_of
+from mmfed.rundir import atomic_write_bytes
+
+DEFAULT_LEDGER_DIR = Path("~/.mmfed/privacy-ledger")
+FORMAT = "mmfed-privacy-ledger/1"
+
+
+def site_fingerprint(folder: Path | str) -> str:
+    """SHA-256 over every data file of the site (names and bytes), so the same data under
+    another path or in another run has the same ledger, and changed data a new one."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def ledger_dir(configured: str) -> Path:
+    return Path(os.path.expanduser(configured or str(DEFAULT_LEDGER_DIR)))
+
+
+@dataclass(frozen=True)
+class Entry:
+    run_id: str
+    round: int
+    sigma: float
+    sample_rate: float
+    steps: int
+    epsilon: float
+    delta: float
+    accountant: str
+    time: float
+    site: str
+
+    @property
+    def event(self) -> Event:
+        return (self.sigma, self.sample_rate, self.steps)
+
+
+class PrivacyLedger:
+    """Append-only spending history of one dataset."""
+
+    def __init__(self, directory: Path, fingerprint: str) -> None:
+        self.directory = directory
+        self.fingerprint = fingerprint
+        self.path = directory / f"{fingerprint[:32]}.jsonl"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / f".{self.path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{self.path}: privacy ledger line {number} is corrupt; "
+                                "refusing to train (the spent budget is unknown)") from None
+            if record.get("fingerprint") != self.fingerprint:
+                raise DataError(f"{self.path}: privacy ledger line {number} belongs to "
+                                "another dataset; refusing to train")
+            records.append(record)
+        return records
+
+    def entries(self) -> list[Entry]:
+        try:
+            return [Entry(run_id=str(r["run_id"]), round=int(r["round"]),
+                          sigma=float(r["sigma"]), sample_rate=float(r["sample_rate"]),
+                          steps=int(r["steps"]), epsilon=float(r["epsilon"]),
+                          delta=float(r["delta"]), accountant=str(r["accountant"]),
+                          time=float(r["time"]), site=str(r.get("site", "")))
+                    for r in self._read()]
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{self.path}: privacy ledger has a malformed entry; refusing "
+                            "to train (the spent budget is unknown)") from None
+
+    def history(self) -> list[Event]:
+        return [e.event for e in self.entries()]
+
+    def spent(self, delta: float, accountant: str) -> float:
+        return epsilon_of(self.history(), delta, accountant)
+
+    def record(self, *, run_id: str, round_num: int, event: Event, delta: float,
+               accountant: str, site: str) -> Entry:
+        """Append one release durably; ε after it is recomputed from the full history."""
+        with self._locked():
+            existing = self._read()
+            history = [(float(r["sigma"]), float(r["sample_rate"]), int(r["steps"]))
+                       for r in existing]
+            eps = epsilon_of([*history, event], delta, accountant)
+            record = {"format": FORMAT, "fingerprint": self.fingerprint, "site": site,
+                      "run_id": run_id, "round": round_num, "sigma": event[0],
+                      "sample_rate": event[1], "steps": event[2], "epsilon": eps,
+                      "delta": delta, "accountant": accountant, "time": time.time()}
+            text = "".join(json.dumps(r) + "\n" for r in [*existing, record])
+            atomic_write_bytes(self.path, text.encode())
+        return self.entries()[-1]
