@@ -68,8 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int, help="federated rounds")
     sim.add_argument("--no-progress", action="store_true", help="plain log lines instead "
                      "of the live display")
+    sim.add_argument("--dp", action="store_true", help="train with site-owned differential "
+                     "privacy (Opacus DP-SGD; budget privacy.epsilon per site)")
     sim.add_argument("--no-dp", action="store_true", help="train WITHOUT differential "
-                     "privacy (debugging only; warns every round)")
+                     "privacy (warns every round)")
+
+    priv = sub.add_parser("privacy", help="inspect a site's privacy ledger")
+    priv_sub = priv.add_subparsers(dest="privacy_command", metavar="ACTION",
+                                   parser_class=_Parser)
+    show = priv_sub.add_parser("show", help="print a site's privacy spending history")
+    show.add_argument("site", type=Path, help="site folder (its data fingerprint names the "
+                      "ledger)")
+    show.add_argument("--ledger-dir", default="", help="ledger folder (default "
+                      "~/.mmfed/privacy-ledger)")
+    show.add_argument("--delta", type=float, help="δ to report ε at (default: the ledger's)")
+    show.add_argument("--accountant", choices=("rdp", "prv"), help="default: the ledger's")
 
     cen = sub.add_parser("centralized", help="train the same model on all sites' data pooled "
                          "(the non-federated reference)")
@@ -115,6 +128,15 @@ def _cmd_data(args: argparse.Namespace) -> int:
     raise UsageError("mmfed data: choose an action: synth or check (see mmfed data --help)")
 
 
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    if args.privacy_command != "show":
+        raise UsageError("mmfed privacy: choose an action: show (see mmfed privacy --help)")
+    from mmfed.privacy.report import show_ledger
+
+    print(show_ledger(args.site, args.ledger_dir, args.delta, args.accountant))
+    return 0
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from mmfed.simulate import simulate_from_args
 
@@ -131,6 +153,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "data": _cmd_data,
     "simulate": _cmd_simulate,
     "centralized": _cmd_centralized,
+    "privacy": _cmd_privacy,
 }
 
 

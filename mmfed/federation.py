@@ -185,9 +185,6 @@ class Federation:
             if "model" not in reply.content.array_records:
                 sites[name] = {"status": "dropped", "reason": "reply without a model"}
                 continue
-            if not metrics.get("private"):
-                log.warning("round %d: %s trained WITHOUT differential privacy", round_num,
-                            name)
             update = messages.arrays_to_numpy(reply.content.array_records["model"])
             problem = check_update(update, state)
             if problem is not None or metrics.get("num_examples", 0) <= 0:
@@ -252,8 +249,8 @@ class Federation:
         for round_num in range(1, rounds + 1):
             t0 = time.perf_counter()
             if not self.cfg["privacy.enabled"]:
-                log.warning("round %d: differential privacy is OFF (--no-dp); for debugging "
-                            "only", round_num)
+                log.warning("round %d: differential privacy is OFF (enable it with --dp or "
+                            "privacy.enabled = true)", round_num)
             state, info = self.train_round(round_num, schema, state)
             t_eval = time.perf_counter()
             model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})

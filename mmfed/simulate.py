@@ -125,7 +125,9 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
 def simulate_from_args(args: argparse.Namespace) -> int:
     extra = {"seed": args.seed, "rounds": args.rounds, "data.sites": args.sites,
              "data.dir": str(args.data) if args.data else None,
-             "privacy.enabled": False if args.no_dp else None}
+             "privacy.enabled": False if args.no_dp else (True if args.dp else None)}
+    if args.dp and args.no_dp:
+        raise UsageError("--dp and --no-dp contradict each other")
     cfg = RunConfig.load(args.config, args.overrides, extra)
     if args.data and args.sites:
         raise UsageError("--sites only applies to synthesized data; with --data the "
