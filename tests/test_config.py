@@ -37,7 +37,11 @@ def non_default() -> RunConfig:
         "train.modalities": ["genomics", "records"], "federation.fraction_train": 0.5,
         "federation.min_sites": 2, "federation.round_timeout": 30.5,
         "federation.local_eval": False, "simulation.cpus_per_site": 0.5,
-        "out": "runs/x y\tz",
+        "out": "runs/x y\tz", "run_id": "abc123", "privacy.enabled": True,
+        "privacy.epsilon": 3.5, "privacy.delta": 1e-7, "privacy.max_grad_norm": 0.5,
+        "privacy.accountant": "prv", "privacy.max_noise_multiplier": 4.0,
+        "privacy.grad_sample_mode": "hooks", "privacy.ledger_dir": "/tmp/ledger dir",
+        "privacy.site.site-2.epsilon": 1.0,
     })
     assert all(cfg[k] != v for k, v in DEFAULTS.items()), "helper must change every key"
     return cfg
@@ -302,3 +306,25 @@ def test_cli_bad_argument_type_exits_2(capsys: pytest.CaptureFixture[str]) -> No
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("mmfed: error: ")
     assert "--rounds" in err
+
+
+def test_shipped_default_config_is_every_default() -> None:
+    from pathlib import Path
+
+    from mmfed.config import DEFAULTS
+
+    shipped = RunConfig.load(Path(__file__).resolve().parents[1] / "configs" / "default.toml")
+    assert shipped.values == DEFAULTS
+
+
+def test_per_site_privacy_keys() -> None:
+    cfg = RunConfig.load(None, ["privacy.site.site-2.epsilon=1.5",
+                                "privacy.site.site-2.enabled=true"])
+    assert cfg.site_privacy("site-2")["epsilon"] == 1.5
+    assert cfg.site_privacy("site-1")["epsilon"] == DEFAULTS["privacy.epsilon"]
+    for bad, needle in [("privacy.site.site-2.budget=1", "unknown config key"),
+                        ("privacy.site.site-2.epsilon=-1", "between"),
+                        ("privacy.site.../x.epsilon=1", "unknown config key"),
+                        ("privacy.site.site-2.accountant=gdp", "one of")]:
+        with pytest.raises(ConfigError, match=needle):
+            RunConfig.load(None, [bad])
