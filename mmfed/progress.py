@@ -43,7 +43,8 @@ class Progress:
         eta = elapsed / done * (self.total - done) if done else None
         table = Table(title=f"{self.title} — round {done}/{self.total}, "
                       f"{elapsed:.0f}s elapsed" + (f", ETA {eta:.0f}s" if eta else ""))
-        for col in ("round", "sites", "AUROC", "accuracy", "loss", "seconds"):
+        for col in ("round", "sites", "AUROC", "accuracy", "loss", "max ε / budget",
+                    "seconds"):
             table.add_column(col, justify="right")
         for row in self.rows[-12:]:
             table.add_row(*row.values())
@@ -54,17 +55,26 @@ class Progress:
         agg = line.get("aggregation", {})
         n_sites = len(line.get("sites", {}))
         sites = f"{agg.get('participants', 0)}/{n_sites}" if n_sites else "pooled"
+        spent = [(s["epsilon"], s.get("epsilon_budget")) for s in line.get("sites", {}).values()
+                 if s.get("epsilon") is not None]
+        eps = "-"
+        if spent:
+            worst = max(spent, key=lambda p: p[0] / (p[1] or 1.0))
+            eps = f"{worst[0]:.2f} / {worst[1]:.2f}" if worst[1] else f"{worst[0]:.2f}"
+        states = [s.get("status") for s in line.get("sites", {}).values()]
+        if "declined" in states or "dropped" in states:
+            sites += f" ({states.count('declined')} declined, {states.count('dropped')} dropped)"
         row = {"round": str(line.get("round", len(self.rows) + 1)), "sites": sites,
                "auroc": _fmt(g.get("auroc")), "accuracy": _fmt(g.get("accuracy")),
-               "loss": _fmt(g.get("loss")),
+               "loss": _fmt(g.get("loss")), "epsilon": eps,
                "seconds": _fmt(line.get("seconds", {}).get("round"), 1)}
         self.rows.append(row)
         if self._live is not None:
             self._live.update(self._table())
         else:
             self.console.print(f"{self.title}: round {row['round']}/{self.total}: sites "
-                               f"{sites}, AUROC {row['auroc']}, loss {row['loss']} "
-                               f"({row['seconds']}s)", highlight=False)
+                               f"{sites}, AUROC {row['auroc']}, loss {row['loss']}, "
+                               f"ε {eps} ({row['seconds']}s)", highlight=False)
 
     def note(self, text: str) -> None:
         self.console.print(text, highlight=False)
