@@ -6,6 +6,8 @@ STAMP := $(VENV)/.mmfed-installed
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+# Flower's CLI starts its own executables (flower-superlink) from PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo test lint clean
 

@@ -45,7 +45,9 @@ def test_flwr_run_dot(tmp_path: Path) -> None:
         ".venv", "runs", ".git", "*.egg-info", "__pycache__", ".*_cache"))
     out = tmp_path / "run"
     flwr = Path(sys.executable).with_name("flwr")
-    env = {**os.environ, **QUIET, "HOME": str(home), "FLWR_HOME": str(home / ".flwr")}
+    env = {**os.environ, **QUIET, "HOME": str(home), "FLWR_HOME": str(home / ".flwr"),
+           # flwr starts `flower-superlink` from PATH: the venv's bin must be on it
+           "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     overrides = (f'rounds=2 out="{out}" data.patients_per_site=50 data.sites=2 '
                  'train.batch_size=16')
     try:
