@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "of the live display")
     sim.add_argument("--dp", action="store_true", help="train with site-owned differential "
                      "privacy (Opacus DP-SGD; budget privacy.epsilon per site)")
+    sim.add_argument("--secagg", action="store_true", help="secure aggregation: the server "
+                     "only learns the weighted sum of the sites' updates")
+    sim.add_argument("--no-secagg", action="store_true", help="send plaintext updates "
+                     "(warns every round)")
     sim.add_argument("--no-dp", action="store_true", help="train WITHOUT differential "
                      "privacy (warns every round)")
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from mmfed import messages, site_runtime
+from mmfed import messages, site_runtime, site_secagg
 from mmfed.errors import MmfedError
+from mmfed.updates import flat_delta
 
 app = ClientApp()
 
@@ -44,11 +45,54 @@ def train(msg: Message, context: Context) -> Message:
     if schema is None or state is None:
         raise MmfedError("train request without schema or model")
     folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
+    name = site_runtime.get_site(folder).name
+    site_secagg.check_fault(list(cfg["faults.drop"]), name, round_num, "train")
     outcome = site_runtime.train_round(folder, cfg, schema, state, round_num,
                                        dict(context.node_config))
-    name = site_runtime.get_site(folder).name
-    return Message(messages.reply_content(name, state=outcome.state, metrics=outcome.metrics),
-                   reply_to=msg)
+    if "secagg" not in msg.content.config_records or outcome.state is None:
+        reply = messages.reply_content(name, state=outcome.state, metrics=outcome.metrics)
+        return Message(reply, reply_to=msg)
+    # Secure aggregation: the update stays here; only public keys leave with the metrics.
+    update = flat_delta(outcome.state, state)
+    pks = site_secagg.begin(context.state, dict(msg.content.config_records["secagg"]),
+                            update, int(outcome.metrics["num_examples"]))
+    reply = messages.reply_content(name, metrics=outcome.metrics)
+    reply["secagg"] = pks
+    return Message(reply, reply_to=msg)
+
+
+def _secagg_stage(msg: Message, context: Context, stage: str) -> Message:
+    raw = dict(msg.content.config_records["stage"])
+    round_num = int(raw["round"])  # type: ignore[arg-type]
+    faults = [str(f) for f in raw.get("faults", [])]  # type: ignore[union-attr]
+    site_secagg.check_fault(faults, str(raw.get("site", "")), round_num, stage)
+    request = msg.content.config_records["secagg"]
+    reply = RecordDict()
+    if stage == "share":
+        reply["secagg"] = site_secagg.share(context.state, request, round_num)
+    elif stage == "mask":
+        reply["masked"] = site_secagg.mask(context.state, request, round_num)
+    else:
+        reply["secagg"] = site_secagg.unmask(context.state, request, round_num)
+    return Message(reply, reply_to=msg)
+
+
+@app.query("secagg_share")
+@_guard
+def secagg_share(msg: Message, context: Context) -> Message:
+    return _secagg_stage(msg, context, "share")
+
+
+@app.query("secagg_mask")
+@_guard
+def secagg_mask(msg: Message, context: Context) -> Message:
+    return _secagg_stage(msg, context, "mask")
+
+
+@app.query("secagg_unmask")
+@_guard
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return _secagg_stage(msg, context, "unmask")
 
 
 @app.evaluate()

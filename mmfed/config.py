@@ -57,6 +57,12 @@ DEFAULTS: dict[str, Value] = {
     "privacy.max_noise_multiplier": 10.0,
     "privacy.grad_sample_mode": "ghost",
     "privacy.ledger_dir": "",  # empty: ~/.mmfed/privacy-ledger
+    "secagg.enabled": False,
+    "secagg.threshold": 0,  # 0: more than half of each share group
+    "secagg.neighbours": 0,  # 0: every site is every site's neighbour (SecAgg)
+    "secagg.clip_range": 1.0,  # per-coordinate clipping of updates before quantizing
+    "secagg.count_cap": 10000,  # example counts are sent as n / count_cap
+    "faults.drop": [],  # fault injection for drills: "site-name:round:stage"
     "out": "",
     "run_id": "",  # set when the run directory is created
 }
@@ -112,6 +118,14 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "privacy.accountant": _choice(("rdp", "prv")),
     "privacy.max_noise_multiplier": _in(0.1, 1000.0),
     "privacy.grad_sample_mode": _choice(("ghost", "hooks")),
+    "secagg.threshold": _in(0, 100_000),
+    "secagg.neighbours": _in(0, 100_000),
+    "secagg.clip_range": _in(1e-6, 1e6),
+    "secagg.count_cap": _in(1, 1_000_000),
+    "faults.drop": lambda v: None if all(
+        len(x.split(":")) == 3 and x.split(":")[1].isdigit()
+        and x.split(":")[2] in ("train", "share", "mask", "unmask") for x in v)
+    else "each entry must be site:round:stage with stage train, share, mask or unmask",
 }
 
 

@@ -159,7 +159,7 @@ class Federation:
                     state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
                                                            dict[str, Any]]:
         request = messages.request(self.cfg, round_num, schema, state)
-        nodes = self._sample(round_num)
+        nodes = self.sample(round_num)
         start = time.perf_counter()
         ok, failed = exchange(self.grid, dict.fromkeys(nodes, request), messages.TRAIN,
                               round_num, self.timeout)
@@ -212,7 +212,7 @@ class Federation:
                 "train_seconds": train_seconds}
         return new_state, info
 
-    def _sample(self, round_num: int) -> list[int]:
+    def sample(self, round_num: int) -> list[int]:
         nodes = sorted(self.sites)
         fraction = self.cfg["federation.fraction_train"]
         k = max(self.cfg["federation.min_sites"], round(fraction * len(nodes)))
@@ -251,7 +251,12 @@ class Federation:
             if not self.cfg["privacy.enabled"]:
                 log.warning("round %d: differential privacy is OFF (enable it with --dp or "
                             "privacy.enabled = true)", round_num)
-            state, info = self.train_round(round_num, schema, state)
+            if self.cfg["secagg.enabled"]:
+                from mmfed.secure_rounds import secure_train_round
+
+                state, info = secure_train_round(self, round_num, schema, state)
+            else:
+                state, info = self.train_round(round_num, schema, state)
             t_eval = time.perf_counter()
             model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
             final = evaluate(model, holdout, modalities)
@@ -260,17 +265,21 @@ class Federation:
             if self.cfg["federation.local_eval"]:
                 self.local_eval(round_num, schema, state, sites)
             self.run.save_checkpoint(round_num, state, schema, self.cfg)
-            line = {"round": round_num,
+            line: dict[str, Any] = {"round": round_num,
                     "global": {k: v for k, v in final.items() if k != "n"},
                     "sites": sites,
                     "aggregation": {"participants": info["participants"],
                                     "dropped": info["dropped"],
                                     "declined": info["declined"],
-                                    "secure": False,
-                                    "private": self.cfg["privacy.enabled"]},
+                                    "secure": bool(info.get("secure", False)),
+                                    "private": self.cfg["privacy.enabled"],
+                                    **{k: info[k] for k in ("threshold", "neighbours",
+                                                            "aborted") if k in info}},
                     "bytes": info["bytes"],
                     "seconds": {"round": time.perf_counter() - t0,
-                                "train": info["train_seconds"], "evaluate": eval_seconds}}
+                                "train": info["train_seconds"], "evaluate": eval_seconds,
+                                **{f"secagg_{k}": v for k, v in
+                                   info.get("stage_seconds", {}).items() if k != "train"}}}
             self.run.append_metrics(line)
             for name, entry in sites.items():
                 totals = self.site_totals.setdefault(name, {})

@@ -17,6 +17,9 @@ from mmfed.features import FeatureSchema
 STATS = "query.stats"
 TRAIN = "train"
 EVALUATE = "evaluate"
+SECAGG_SHARE = "query.secagg_share"
+SECAGG_MASK = "query.secagg_mask"
+SECAGG_UNMASK = "query.secagg_unmask"
 ERR_SITE = 1001  # a site-side failure with a one-line reason
 
 

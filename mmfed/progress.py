@@ -74,7 +74,7 @@ class Progress:
         else:
             self.console.print(f"{self.title}: round {row['round']}/{self.total}: sites "
                                f"{sites}, AUROC {row['auroc']}, loss {row['loss']}, "
-                               f"ε {eps} ({row['seconds']}s)", highlight=False)
+                               f"ε {eps} ({row['seconds']}s)", highlight=False, soft_wrap=True)
 
     def note(self, text: str) -> None:
         self.console.print(text, highlight=False)

@@ -128,6 +128,9 @@ def simulate_from_args(args: argparse.Namespace) -> int:
              "privacy.enabled": False if args.no_dp else (True if args.dp else None)}
     if args.dp and args.no_dp:
         raise UsageError("--dp and --no-dp contradict each other")
+    if args.secagg and args.no_secagg:
+        raise UsageError("--secagg and --no-secagg contradict each other")
+    extra["secagg.enabled"] = False if args.no_secagg else (True if args.secagg else None)
     cfg = RunConfig.load(args.config, args.overrides, extra)
     if args.data and args.sites:
         raise UsageError("--sites only applies to synthesized data; with --data the "

@@ -395,6 +395,76 @@ class SecAggClient:
         return out
 
 
+def _hex(data: bytes | None) -> str | None:
+    return None if data is None else data.hex()
+
+
+def _unhex(text: object) -> bytes | None:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise SecAggError("corrupt secure-aggregation client state")
+    return bytes.fromhex(text)
+
+
+def client_to_state(client: SecAggClient) -> bytes:
+    """Serialize a client between protocol messages (kept in the site's own state only).
+
+    Each Flower message may be handled by a fresh process, so a site's secrets must
+    survive between stages in its node state. The blob holds private keys: it must
+    never be put in a reply.
+    """
+    import json
+
+    def sk(key: X25519PrivateKey | None) -> str | None:
+        return None if key is None else keys.private_bytes(key).hex()
+
+    p = client.params
+    blob = {
+        "params": {"run_id": p.run_id, "round": p.round, "site_ids": list(p.site_ids),
+                   "threshold": p.threshold, "neighbours": p.neighbours,
+                   "clip_range": p.clip_range, "max_sites": p.max_sites,
+                   "count_cap": p.count_cap, "vector_length": p.vector_length},
+        "my_id": client.my_id, "stage": client._stage, "c_sk": sk(client._c_sk),
+        "s_sk": sk(client._s_sk), "c_pk": client._c_pk.hex(), "s_pk": client._s_pk.hex(),
+        "b": _hex(client._b),
+        "peer_s_pk": {str(j): v.hex() for j, v in client._peer_s_pk.items()},
+        "channel": {str(j): v.hex() for j, v in client._channel.items()},
+        "held": {str(j): [[b[0], str(b[1])], [s_[0], str(s_[1])]]
+                 for j, (b, s_) in client._held.items()},
+    }
+    return json.dumps(blob).encode()
+
+
+def client_from_state(data: bytes) -> SecAggClient:
+    """Inverse of ``client_to_state``; any inconsistency is a SecAggError."""
+    import json
+
+    try:
+        blob = json.loads(data)
+        params = SecAggParams(**blob["params"])
+        client = SecAggClient.__new__(SecAggClient)
+        params.validate()
+        client.params = params
+        client.my_id = int(blob["my_id"])
+        client._neighbours = neighbourhood(client.my_id, params)
+        client._x = _x_of(client.my_id, params)
+        client._stage = str(blob["stage"])
+        c_sk, s_sk = _unhex(blob["c_sk"]), _unhex(blob["s_sk"])
+        client._c_sk = None if c_sk is None else keys.load_private(c_sk)
+        client._s_sk = None if s_sk is None else keys.load_private(s_sk)
+        client._c_pk = bytes.fromhex(blob["c_pk"])
+        client._s_pk = bytes.fromhex(blob["s_pk"])
+        client._b = _unhex(blob["b"])
+        client._peer_s_pk = {int(j): bytes.fromhex(v) for j, v in blob["peer_s_pk"].items()}
+        client._channel = {int(j): bytes.fromhex(v) for j, v in blob["channel"].items()}
+        client._held = {int(j): ((int(b[0]), int(b[1])), (int(s_[0]), int(s_[1])))
+                        for j, (b, s_) in blob["held"].items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SecAggError(f"corrupt secure-aggregation client state ({exc})") from None
+    return client
+
+
 def _check_public_keys(
     all_pks: Mapping[int, Mapping[str, bytes]], params: SecAggParams
 ) -> dict[int, tuple[bytes, bytes]]:

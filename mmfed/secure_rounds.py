@@ -1,0 +1,249 @@
+"""One federated round under secure aggregation, as Flower message stages on the Grid.
+
+train (+ public keys) → share (relay encrypted Shamir shares) → mask (masked update
+vectors) → unmask (shares that remove the masks) → weighted mean. The server only
+ever holds masked vectors and ciphertext; if fewer than the threshold of sites
+survive, the round is aborted and the previous global model is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from mmfed import messages
+from mmfed.config import RunConfig
+from mmfed.errors import MmfedError
+from mmfed.features import FeatureSchema
+from mmfed.secagg import SecAggAborted, SecAggError, SecAggParams, SecAggServer
+from mmfed.site_secagg import blobs, ints
+from mmfed.updates import apply_delta, vector_length
+
+log = logging.getLogger("mmfed")
+
+
+def default_threshold(group: int) -> int:
+    """More than half of each share group: the least that keeps a curious server from
+    collecting both kinds of share for one site, and the most dropout it tolerates."""
+    return max(2, group // 2 + 1)
+
+
+def secagg_params(cfg: RunConfig, round_num: int, n_sites: int, d: int) -> SecAggParams:
+    neighbours = int(cfg["secagg.neighbours"]) or None
+    if neighbours is not None and neighbours >= n_sites - 1:
+        neighbours = None
+    group = n_sites if neighbours is None else min(n_sites, neighbours + 1 + neighbours % 2)
+    threshold = int(cfg["secagg.threshold"]) or default_threshold(group)
+    return SecAggParams(run_id=cfg["run_id"] or "unnamed-run", round=round_num,
+                        site_ids=list(range(n_sites)), threshold=threshold,
+                        neighbours=neighbours, clip_range=float(cfg["secagg.clip_range"]),
+                        max_sites=max(n_sites, 2), count_cap=int(cfg["secagg.count_cap"]),
+                        vector_length=d)
+
+
+@dataclass
+class StageLog:
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def timed(self, name: str, start: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _record_bytes(content: RecordDict) -> int:
+    total = 0
+    for arrays in content.array_records.values():
+        total += sum(len(arr.data) for arr in arrays.values())
+    for config in content.config_records.values():
+        for value in config.values():
+            if isinstance(value, bytes):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) if isinstance(v, bytes) else 8 for v in value)
+            else:
+                total += 8
+    return total
+
+
+def _stage_content(round_num: int, site: str, cfg: RunConfig, payload: ConfigRecord
+                   ) -> RecordDict:
+    content = RecordDict()
+    content["stage"] = ConfigRecord({"round": round_num, "site": site,
+                                     "faults": list(cfg["faults.drop"])})
+    content["secagg"] = payload
+    return content
+
+
+def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
+                       state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                              dict[str, Any]]:
+    """Run one securely aggregated round for ``fed`` (a ``Federation``)."""
+    from mmfed.federation import PRIVACY_FIGURES, exchange
+
+    cfg: RunConfig = fed.cfg
+    nodes = fed.sample(round_num)
+    if len(nodes) < 2:
+        raise MmfedError("secure aggregation needs at least 2 sites in a round")
+    d = vector_length(state)
+    params = secagg_params(cfg, round_num, len(nodes), d)
+    params.validate()
+    sid_of = {node: i for i, node in enumerate(nodes)}
+    node_of = dict(enumerate(nodes))
+    name_of = {i: fed.sites[node].name for i, node in node_of.items()}
+    log_ = StageLog()
+    sites: dict[str, dict[str, Any]] = {}
+
+    def fail(sid: int, stage: str, reason: str) -> None:
+        if name_of[sid] not in sites or sites[name_of[sid]]["status"] == "trained":
+            log.warning("round %d: %s dropped at %s: %s", round_num, name_of[sid], stage,
+                        reason)
+            entry = sites.get(name_of[sid], {})
+            entry.update({"status": "dropped", "reason": f"{stage}: {reason}"})
+            sites[name_of[sid]] = entry
+
+    # Stage 1: train; replies carry metrics and public keys, never the update.
+    start = time.perf_counter()
+    base = messages.request(cfg, round_num, schema, state)
+    contents = {}
+    for node in nodes:
+        content = RecordDict()
+        for key, config in base.config_records.items():
+            content[key] = config
+        for key, arrays in base.array_records.items():
+            content[key] = arrays
+        content["secagg"] = ConfigRecord({
+            "run_id": params.run_id, "round": round_num, "site_ids": params.site_ids,
+            "my_id": sid_of[node], "threshold": params.threshold,
+            "neighbours": params.neighbours or 0, "clip_range": params.clip_range,
+            "max_sites": params.max_sites, "count_cap": params.count_cap,
+            "vector_length": d})
+        contents[node] = content
+        log_.bytes_down += _record_bytes(content)
+    ok, failed = exchange(fed.grid, contents, messages.TRAIN, round_num, fed.timeout)
+    advertised: dict[int, dict[str, bytes]] = {}
+    for node, reason in failed.items():
+        fail(sid_of[node], "train", reason)
+    for node, reply in ok.items():
+        sid = sid_of[node]
+        metrics = messages.metrics_of(reply.content)
+        privacy = {k: metrics[k] for k in PRIVACY_FIGURES if k in metrics}
+        log_.bytes_up += _record_bytes(reply.content)
+        if metrics.get("declined"):
+            sites[name_of[sid]] = {"status": "declined", **privacy}
+            continue
+        if "secagg" not in reply.content.config_records:
+            fail(sid, "train", "reply without public keys")
+            continue
+        pk = reply.content.config_records["secagg"]
+        c_pk, s_pk = pk.get("c_pk"), pk.get("s_pk")
+        if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes):
+            fail(sid, "train", "malformed public keys")
+            continue
+        advertised[sid] = {"c_pk": c_pk, "s_pk": s_pk}
+        sites[name_of[sid]] = {"num_examples": int(metrics["num_examples"]),
+                               "train_loss": float(metrics["train_loss"]),
+                               "seconds": float(metrics.get("seconds", 0.0)),
+                               "status": "trained", **privacy}
+    log_.timed("train", start)
+
+    def summary(participants: int, aborted: str | None) -> dict[str, Any]:
+        info = {"sites": sites, "participants": participants,
+                "dropped": sum(1 for s in sites.values() if s["status"] == "dropped"),
+                "declined": sum(1 for s in sites.values() if s["status"] == "declined"),
+                "bytes": {"up": log_.bytes_up, "down": log_.bytes_down},
+                "train_seconds": log_.seconds.get("train", 0.0),
+                "stage_seconds": log_.seconds, "secure": True,
+                "threshold": params.threshold, "neighbours": params.neighbours or 0}
+        if aborted:
+            info["aborted"] = aborted
+        return info
+
+    server = SecAggServer(params)
+    try:
+        # Stage 2: keys out, encrypted shares back.
+        start = time.perf_counter()
+        server.collect_keys(advertised)
+        contents = {}
+        for sid in advertised:
+            pks = server.keys_for(sid)
+            payload = ConfigRecord({"ids": list(pks), "c_pk": [v["c_pk"] for v in pks.values()],
+                                    "s_pk": [v["s_pk"] for v in pks.values()]})
+            contents[node_of[sid]] = _stage_content(round_num, name_of[sid], cfg, payload)
+            log_.bytes_down += _record_bytes(contents[node_of[sid]])
+        ok, failed = exchange(fed.grid, contents, messages.SECAGG_SHARE, round_num,
+                              fed.timeout)
+        for node, reason in failed.items():
+            fail(sid_of[node], "share", reason)
+        shares: dict[int, dict[int, bytes]] = {}
+        for node, reply in ok.items():
+            rec = reply.content.config_records["secagg"]
+            shares[sid_of[node]] = dict(zip(ints(rec["to"]), blobs(rec["ct"]), strict=True))
+            log_.bytes_up += _record_bytes(reply.content)
+        routed = server.route(shares)
+        log_.timed("share", start)
+
+        # Stage 3: masked update vectors.
+        start = time.perf_counter()
+        contents = {}
+        for sid in shares:
+            mine = routed.get(sid, {})
+            payload = ConfigRecord({"from": list(mine), "ct": list(mine.values())})
+            contents[node_of[sid]] = _stage_content(round_num, name_of[sid], cfg, payload)
+            log_.bytes_down += _record_bytes(contents[node_of[sid]])
+        ok, failed = exchange(fed.grid, contents, messages.SECAGG_MASK, round_num,
+                              fed.timeout)
+        for node, reason in failed.items():
+            fail(sid_of[node], "mask", reason)
+        masked: dict[int, np.ndarray] = {}
+        for node, reply in ok.items():
+            vec = reply.content.array_records["masked"]["y"].numpy()
+            if vec.dtype != np.uint32 or vec.shape != (d + 1,):
+                fail(sid_of[node], "mask", f"masked vector of {vec.dtype} {vec.shape}")
+                continue
+            masked[sid_of[node]] = vec
+            log_.bytes_up += vec.nbytes
+        survivors, dropped = server.unmask_request(list(masked))
+        log_.timed("mask", start)
+
+        # Stage 4: reveal the shares that remove the masks.
+        start = time.perf_counter()
+        payload = ConfigRecord({"survivors": survivors, "dropped": dropped})
+        contents = {node_of[sid]: _stage_content(round_num, name_of[sid], cfg, payload)
+                    for sid in survivors}
+        log_.bytes_down += sum(_record_bytes(c) for c in contents.values())
+        ok, failed = exchange(fed.grid, contents, messages.SECAGG_UNMASK, round_num,
+                              fed.timeout)
+        for node, reason in failed.items():
+            log.warning("round %d: %s failed to unmask: %s", round_num,
+                        name_of[sid_of[node]], reason)
+        reveals: dict[int, dict[int, bytes]] = {}
+        for node, reply in ok.items():
+            rec = reply.content.config_records["secagg"]
+            reveals[sid_of[node]] = dict(zip(ints(rec["of"]), blobs(rec["share"]),
+                                             strict=True))
+            log_.bytes_up += _record_bytes(reply.content)
+        mean, _total, used = server.aggregate(masked, reveals)
+        log_.timed("unmask", start)
+    except SecAggAborted as exc:
+        log.warning("round %d: secure aggregation aborted (%s); keeping the previous global "
+                    "model", round_num, exc)
+        return state, summary(0, str(exc))
+    except SecAggError as exc:
+        log.warning("round %d: secure aggregation failed (%s); keeping the previous global "
+                    "model", round_num, exc)
+        return state, summary(0, str(exc))
+    for sid in dropped:
+        fail(sid, "mask", "did not send its masked update")
+    delta = mean.astype(np.float64)
+    norm = float(np.linalg.norm(delta))
+    if not np.all(np.isfinite(delta)) or norm > params.clip_range * np.sqrt(d):
+        log.warning("round %d: aggregate rejected (norm %.3g); keeping the previous model",
+                    round_num, norm)
+        return state, summary(0, "aggregate failed the server's check")
+    return apply_delta(state, delta), summary(len(used), None)

@@ -1,0 +1,111 @@
+"""A site's side of secure aggregation, on top of its Flower node state.
+
+After local training the site keeps its update and its protocol secrets in its own
+node state (never in a reply), then answers the server's share, mask and unmask
+stages from there. Nothing here imports torch: these stages must stay cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from mmfed.errors import MmfedError
+from mmfed.secagg import SecAggClient, SecAggParams, client_from_state, client_to_state
+
+STATE = "mmfed.secagg"
+UPDATE = "mmfed.secagg.update"
+STAGES = ("train", "share", "mask", "unmask")
+
+
+def ints(value: object) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+        raise MmfedError("malformed secure aggregation message (expected integers)")
+    return [int(v) for v in value]
+
+
+def blobs(value: object) -> list[bytes]:
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        raise MmfedError("malformed secure aggregation message (expected bytes)")
+    return [bytes(v) for v in value]
+
+
+def params_from(record: dict[str, Any]) -> tuple[SecAggParams, int]:
+    neighbours = int(record["neighbours"])
+    params = SecAggParams(run_id=str(record["run_id"]), round=int(record["round"]),
+                          site_ids=[int(i) for i in record["site_ids"]],
+                          threshold=int(record["threshold"]),
+                          neighbours=neighbours if neighbours > 0 else None,
+                          clip_range=float(record["clip_range"]),
+                          max_sites=int(record["max_sites"]),
+                          count_cap=int(record["count_cap"]),
+                          vector_length=int(record["vector_length"]))
+    return params, int(record["my_id"])
+
+
+def check_fault(faults: list[str], site: str, round_num: int, stage: str) -> None:
+    """Fault injection for tests and drills: ``site:round:stage`` makes this site fail."""
+    if f"{site}:{round_num}:{stage}" in faults:
+        raise MmfedError(f"{site}: injected failure at round {round_num}, stage {stage}")
+
+
+def _save(state: RecordDict, client: SecAggClient, extra: dict[str, Any] | None = None) -> None:
+    old = dict(state.config_records[STATE]) if STATE in state.config_records else {}
+    old.update(extra or {})
+    old["client"] = client_to_state(client)
+    state[STATE] = ConfigRecord(old)
+
+
+def _load(state: RecordDict, params_round: int | None = None) -> tuple[SecAggClient,
+                                                                        dict[str, Any]]:
+    if STATE not in state.config_records:
+        raise MmfedError("secure aggregation stage without a trained update in this round")
+    record = dict(state.config_records[STATE])
+    blob = record.get("client")
+    if not isinstance(blob, bytes):
+        raise MmfedError("corrupt secure aggregation state")
+    client = client_from_state(blob)
+    if params_round is not None and client.params.round != params_round:
+        raise MmfedError(f"secure aggregation state is for round {client.params.round}, "
+                         f"not {params_round}")
+    return client, record
+
+
+def begin(state: RecordDict, record: dict[str, Any], update: np.ndarray,
+          num_examples: int) -> ConfigRecord:
+    """After training: create this round's client, keep secrets, advertise public keys."""
+    params, my_id = params_from(record)
+    client = SecAggClient(params, my_id)
+    pks = client.advertise()
+    state[UPDATE] = ArrayRecord({"u": Array(np.ascontiguousarray(update, dtype=np.float32))})
+    _save(state, client, {"num_examples": int(num_examples)})
+    return ConfigRecord({"c_pk": pks["c_pk"], "s_pk": pks["s_pk"]})
+
+
+def share(state: RecordDict, request: ConfigRecord, round_num: int) -> ConfigRecord:
+    client, _ = _load(state, round_num)
+    ids = ints(request["ids"])
+    pks = {i: {"c_pk": c, "s_pk": s} for i, c, s in zip(
+        ids, blobs(request["c_pk"]), blobs(request["s_pk"]), strict=True)}
+    out = client.share_keys(pks)
+    _save(state, client)
+    return ConfigRecord({"to": list(out), "ct": list(out.values())})
+
+
+def mask(state: RecordDict, request: ConfigRecord, round_num: int) -> ArrayRecord:
+    client, record = _load(state, round_num)
+    cts = dict(zip(ints(request["from"]), blobs(request["ct"]), strict=True))
+    update = state.array_records[UPDATE]["u"].numpy()
+    masked = client.masked_input(cts, update, int(record["num_examples"]))
+    del state[UPDATE]  # the plaintext update is no longer needed
+    _save(state, client)
+    return ArrayRecord({"y": Array(masked)})
+
+
+def unmask(state: RecordDict, request: ConfigRecord, round_num: int) -> ConfigRecord:
+    client, _ = _load(state, round_num)
+    reveals = client.unmask(ints(request["survivors"]), ints(request["dropped"]))
+    del state[STATE]
+    return ConfigRecord({"of": list(reveals), "share": list(reveals.values())})
