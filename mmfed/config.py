@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Value] = {
     "privacy.max_noise_multiplier": 10.0,
     "privacy.grad_sample_mode": "ghost",
     "privacy.ledger_dir": "",  # empty: ~/.mmfed/privacy-ledger
-    "secagg.enabled": False,
+    "secagg.enabled": True,
     "secagg.threshold": 0,  # 0: more than half of each share group
     "secagg.neighbours": 0,  # 0: every site is every site's neighbour (SecAgg)
     "secagg.clip_range": 1.0,  # per-coordinate clipping of updates before quantizing

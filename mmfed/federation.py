@@ -113,6 +113,8 @@ class Federation:
                  on_round: RoundCallback | None = None, expected_sites: int | None = None,
                  ) -> None:
         self.grid = grid
+        if hasattr(grid, "pull_interval"):  # in-memory simulation grid: poll replies faster
+            grid.pull_interval = 0.02
         self.cfg = cfg
         self.run = run
         self.on_round = on_round
@@ -248,6 +250,9 @@ class Federation:
         final: dict[str, Any] = {}
         for round_num in range(1, rounds + 1):
             t0 = time.perf_counter()
+            if not self.cfg["secagg.enabled"]:
+                log.warning("round %d: secure aggregation is OFF (--no-secagg): the server "
+                            "sees each site's update", round_num)
             if not self.cfg["privacy.enabled"]:
                 log.warning("round %d: differential privacy is OFF (enable it with --dp or "
                             "privacy.enabled = true)", round_num)

@@ -67,6 +67,9 @@ def prepare_run(cfg: RunConfig, out: Path, *, fresh: bool = True) -> tuple[RunCo
         cfg.set("data.dir", str(Path(cfg["data.dir"]).resolve()))
     sites = validate_federation(Path(cfg["data.dir"]))
     cfg.set("data.sites", len(sites))
+    if cfg["secagg.enabled"] and len(sites) < 2:
+        raise UsageError("secure aggregation needs at least 2 sites (a single site's "
+                         "'aggregate' is its update); use --no-secagg for one site")
     if cfg["federation.min_sites"] > len(sites):
         raise UsageError(f"federation.min_sites = {cfg['federation.min_sites']} but the "
                          f"federation has {len(sites)} site(s)")

@@ -1,0 +1,72 @@
+"""Round time with and without secure aggregation, in one run, at 5 and 20 sites.
+
+Each configuration runs a real simulated federation (Ray, Flower messages, the default
+model) on the same synthetic cohort; the figure per configuration is the median round
+time over rounds 2..R (round 1 pays Ray and import warm-up). Prints one JSON object as
+its last line: {"5": {"time_ratio": ..., "bytes_per_site": ..., "model_bytes": ...}, ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
+
+
+def mmfed(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mmfed.cli", *args], env=ENV,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"mmfed {' '.join(args[:2])} failed: {proc.stderr.strip()[-500:]}")
+
+
+def run(data: Path, out: Path, rounds: int, secure: bool) -> list[dict]:
+    mmfed("simulate", "--data", str(data), "--out", str(out), "--rounds", str(rounds),
+          "--no-progress", "--secagg" if secure else "--no-secagg")
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[5, 20])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--patients-per-site", type=int, default=60)
+    args = parser.parse_args()
+    import torch
+
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sites:
+            data = Path(tmp) / f"fed-{n}"
+            mmfed("data", "synth", "--out", str(data), "--sites", str(n),
+                  "--patients-per-site", str(args.patients_per_site), "--holdout", "200")
+            plain = run(data, Path(tmp) / f"plain-{n}", args.rounds, secure=False)
+            secure = run(data, Path(tmp) / f"secure-{n}", args.rounds, secure=True)
+            model = torch.load(Path(tmp) / f"plain-{n}" / "model.pt", weights_only=False)
+            model_bytes = sum(v.numel() * 4 for v in model["state_dict"].values())
+            t_plain = statistics.median(x["seconds"]["round"] for x in plain[1:])
+            t_secure = statistics.median(x["seconds"]["round"] for x in secure[1:])
+            per_site = statistics.median(x["bytes"]["up"] / x["aggregation"]["participants"]
+                                         for x in secure[1:])
+            stages = {k: round(statistics.median(x["seconds"].get(k, 0.0) for x in secure[1:]),
+                               3) for k in ("secagg_share", "secagg_mask", "secagg_unmask")}
+            results[str(n)] = {"time_ratio": round(t_secure / t_plain, 3),
+                               "round_seconds": {"plain": round(t_plain, 2),
+                                                 "secure": round(t_secure, 2)},
+                               "secagg_stage_seconds": stages,
+                               "bytes_per_site": int(per_site), "model_bytes": model_bytes,
+                               "bytes_ratio": round(per_site / model_bytes, 4)}
+            print(f"{n} sites: {results[str(n)]}", file=sys.stderr)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
