@@ -72,7 +72,9 @@ class RunDir:
 
     def __init__(self, path: Path | str, *, fresh: bool = True) -> None:
         self.path = Path(path)
-        if fresh and (self.path / "metrics.jsonl").exists():
+        metrics = self.path / "metrics.jsonl"
+        if fresh and metrics.exists() and metrics.stat().st_size > 0:  # a start that failed
+            # before its first round left an empty file: that folder may be reused
             raise UsageError(f"{self.path}: already holds a run (choose a new --out)")
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         if fresh:

@@ -48,6 +48,20 @@ def validate_federation(root: Path) -> list[Path]:
     return sites
 
 
+def check_secagg_settings(cfg: RunConfig, n_sites: int) -> None:
+    """Refuse impossible secure-aggregation settings before anything starts."""
+    from mmfed.secagg import SecAggError
+    from mmfed.secure_rounds import secagg_params
+
+    if n_sites < 2:
+        raise UsageError("secure aggregation needs at least 2 sites (a single site's "
+                         "'aggregate' is its update); use --no-secagg for one site")
+    try:
+        secagg_params(cfg, 1, n_sites, 1).validate()
+    except SecAggError as exc:
+        raise UsageError(f"secure aggregation settings: {exc}") from None
+
+
 def prepare_run(cfg: RunConfig, out: Path, *, fresh: bool = True) -> tuple[RunConfig, RunDir]:
     """Create the run directory, synthesize data if none was given, freeze the config."""
     out = out.resolve()
@@ -67,9 +81,8 @@ def prepare_run(cfg: RunConfig, out: Path, *, fresh: bool = True) -> tuple[RunCo
         cfg.set("data.dir", str(Path(cfg["data.dir"]).resolve()))
     sites = validate_federation(Path(cfg["data.dir"]))
     cfg.set("data.sites", len(sites))
-    if cfg["secagg.enabled"] and len(sites) < 2:
-        raise UsageError("secure aggregation needs at least 2 sites (a single site's "
-                         "'aggregate' is its update); use --no-secagg for one site")
+    if cfg["secagg.enabled"]:
+        check_secagg_settings(cfg, len(sites))
     if cfg["federation.min_sites"] > len(sites):
         raise UsageError(f"federation.min_sites = {cfg['federation.min_sites']} but the "
                          f"federation has {len(sites)} site(s)")

@@ -41,7 +41,9 @@ def non_default() -> RunConfig:
         "privacy.epsilon": 3.5, "privacy.delta": 1e-7, "privacy.max_grad_norm": 0.5,
         "privacy.accountant": "prv", "privacy.max_noise_multiplier": 4.0,
         "privacy.grad_sample_mode": "hooks", "privacy.ledger_dir": "/tmp/ledger dir",
-        "privacy.site.site-2.epsilon": 1.0,
+        "privacy.site.site-2.epsilon": 1.0, "secagg.enabled": False, "secagg.threshold": 3,
+        "secagg.neighbours": 4, "secagg.clip_range": 0.5, "secagg.count_cap": 500,
+        "faults.drop": ["site-1:2:mask"],
     })
     assert all(cfg[k] != v for k, v in DEFAULTS.items()), "helper must change every key"
     return cfg

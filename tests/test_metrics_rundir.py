@@ -238,3 +238,8 @@ def test_summary_is_json(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert data["final"]["auroc"] == 0.75
     assert math.isclose(data["wall_seconds"], 1.5)
+
+
+def test_rundir_reuses_a_folder_whose_start_failed(tmp_path: Path) -> None:
+    RunDir(tmp_path / "run")  # e.g. refused settings after the folder was made
+    RunDir(tmp_path / "run")  # no round was written: the folder may be used again
