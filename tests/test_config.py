@@ -330,3 +330,12 @@ def test_per_site_privacy_keys() -> None:
                         ("privacy.site.site-2.accountant=gdp", "one of")]:
         with pytest.raises(ConfigError, match=needle):
             RunConfig.load(None, [bad])
+
+
+def test_fault_injection_entries_are_checked() -> None:
+    assert RunConfig.load(None, ['faults.drop=["site-2:3:mask"]'])["faults.drop"] == [
+        "site-2:3:mask"]
+    for bad in ('faults.drop=["site-2"]', 'faults.drop=["site-2:x:mask"]',
+                'faults.drop=["site-2:1:explode"]'):
+        with pytest.raises(ConfigError, match="site:round:stage"):
+            RunConfig.load(None, [bad])
