@@ -63,22 +63,29 @@ def make_loss(labels: np.ndarray, n_classes: int, spec: TrainSpec) -> nn.CrossEn
 
 
 def train_epochs(model: nn.Module, loader: DataLoader[Any], optimizer: torch.optim.Optimizer,
-                 loss_fn: nn.Module, epochs: int, device: torch.device) -> tuple[float, int]:
-    """Plain training loop; returns (mean loss over batches, optimizer steps)."""
+                 loss_fn: nn.Module, epochs: int, device: torch.device
+                 ) -> tuple[float, int, int]:
+    """The training loop shared by plain and DP training.
+
+    Returns (mean loss over non-empty batches, optimizer steps, batches drawn). Under
+    Poisson sampling a drawn batch can be empty: it is skipped but still drawn, and DP
+    accounting counts draws.
+    """
     model.train()
-    total, batches = 0.0, 0
+    total, steps, draws = 0.0, 0, 0
     for _ in range(epochs):
         for batch in loader:
+            draws += 1
             *inputs, y = (t.to(device) for t in batch)
-            if y.numel() == 0:  # Poisson sampling (DP) can draw an empty batch
+            if y.numel() == 0:
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(*inputs), y)
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
-            batches += 1
-    return total / max(batches, 1), batches
+            steps += 1
+    return total / max(steps, 1), steps, draws
 
 
 def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
@@ -96,8 +103,8 @@ def train_local(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes: 
                         generator=gen)
     loss_fn = make_loss(enc.labels, n_classes, spec).to(device)
     torch.manual_seed(seed)  # dropout masks
-    loss, steps = train_epochs(model, loader, make_optimizer(model, spec), loss_fn,
-                               spec.epochs, device)
+    loss, steps, _ = train_epochs(model, loader, make_optimizer(model, spec), loss_fn,
+                                  spec.epochs, device)
     return {"train_loss": loss, "steps": float(steps), "num_examples": float(len(enc))}
 
 

@@ -460,7 +460,7 @@ def test_opacus_private_training_step(schema: FeatureSchema,
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
             max_grad_norm=1.0, poisson_sampling=False)
     loss_fn = make_loss(both.labels, len(schema.classes), TrainSpec())
-    loss, steps = train_epochs(pmodel, ploader, poptim, loss_fn, 1, torch.device("cpu"))
+    loss, steps, _ = train_epochs(pmodel, ploader, poptim, loss_fn, 1, torch.device("cpu"))
     assert steps == 3
     assert np.isfinite(loss)
     after = model.state_dict()

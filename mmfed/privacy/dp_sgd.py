@@ -23,6 +23,7 @@ from mmfed.training import (
     make_optimizer,
     restrict_modalities,
     tensor_dataset,
+    train_epochs,
 )
 
 log = logging.getLogger("mmfed")
@@ -91,22 +92,9 @@ def train_private(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes
         mode = "hooks"
         pmodel, popt, pcrit, ploader = _private(model, loader, loss_fn, spec, sigma,
                                                 max_grad_norm, mode, seed)
-    pmodel.train()
-    total, batches, steps = 0.0, 0, 0
-    for _ in range(spec.epochs):
-        for batch in ploader:
-            steps += 1  # every Poisson draw counts, even an empty one
-            *inputs, y = (t.to(device) for t in batch)
-            if y.numel() == 0:
-                continue
-            popt.zero_grad(set_to_none=True)
-            loss = pcrit(pmodel(*inputs), y)
-            loss.backward()
-            popt.step()
-            total += float(loss.detach())
-            batches += 1
+    loss, _, draws = train_epochs(pmodel, ploader, popt, pcrit, spec.epochs, device)
     close = getattr(pmodel, "_close", None)
     if callable(close):
         close()  # remove Opacus hooks from the caller's model
-    return DPResult(train_loss=total / max(batches, 1), steps=steps,
+    return DPResult(train_loss=loss, steps=draws,  # every Poisson draw counts
                     sample_rate=sample_rate(len(enc), spec.batch_size), grad_sample_mode=mode)
