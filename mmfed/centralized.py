@@ -83,8 +83,14 @@ def centralized_from_args(args: argparse.Namespace) -> int:
     out = args.out or (Path(cfg["out"]) if cfg["out"] else default_out("centralized"))
     cfg, run = prepare_run(cfg, out)
     epochs = cfg["rounds"] * cfg["train.local_epochs"]
-    with Progress(epochs, "mmfed centralized") as progress:
-        summary = run_centralized(cfg, run, progress.round_done)
+    from mmfed.tracking import TensorBoardLog, chain
+
+    tensorboard = TensorBoardLog(run.path)
+    try:
+        with Progress(epochs, "mmfed centralized") as progress:
+            summary = run_centralized(cfg, run, chain(progress.round_done, tensorboard))
+    finally:
+        tensorboard.close()
     auroc = summary["final"].get("auroc")
     print(f"done: {epochs} epochs on {summary['num_examples']} pooled patients in "
           f"{summary['wall_seconds']:.1f}s; holdout AUROC "

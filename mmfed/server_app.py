@@ -22,9 +22,16 @@ def run_and_record(grid: Grid, cfg: RunConfig, run: RunDir,
                    on_round: RoundCallback | None = None,
                    expected_sites: int | None = None) -> None:
     """Run every round and write ``summary.json``; shared by both entry points."""
+    from mmfed.tracking import TensorBoardLog, chain
+
     started = time.perf_counter()
-    fed = Federation(grid, cfg, run, on_round=on_round, expected_sites=expected_sites)
-    result = fed.run_rounds()
+    tensorboard = TensorBoardLog(run.path)
+    fed = Federation(grid, cfg, run, on_round=chain(on_round, tensorboard),
+                     expected_sites=expected_sites)
+    try:
+        result = fed.run_rounds()
+    finally:
+        tensorboard.close()
     run.write_summary({"rounds": result.rounds, "final": result.final,
                        "sites": fed.site_summary(),
                        "wall_seconds": round(time.perf_counter() - started, 2),

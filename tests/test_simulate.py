@@ -110,3 +110,21 @@ def test_refuses_existing_run_and_bad_arguments(tmp_path: Path) -> None:
     proc = run_mmfed("simulate", "--data", missing, "--out", tmp_path / "r3", timeout=60)
     assert proc.returncode == 1 and "federation folder not found" in proc.stderr
     shutil.rmtree(run)
+
+
+@pytest.mark.slow
+def test_tensorboard_mirrors_every_round(small_run: tuple[Path, str]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = small_run
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("global/auroc", "global/loss", "sites/site-1/train_loss",
+                "sites/site-2/local/auroc", "aggregation/participants", "bytes/up",
+                "seconds/round", "sites/site-3/is_trained"):
+        assert tag in tags, tag
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [(e.step, e.value) for e in events.Scalars("global/auroc")]
+    assert logged == [(x["round"], pytest.approx(x["global"]["auroc"], abs=1e-6))
+                      for x in lines]
