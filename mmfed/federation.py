@@ -106,6 +106,37 @@ def check_update(state: dict[str, np.ndarray], reference: dict[str, np.ndarray])
     return None
 
 
+def declined_entry(round_num: int, name: str, metrics: dict[str, float]) -> dict[str, Any]:
+    """A site that declined because its privacy budget would be exceeded (a normal reply)."""
+    log.warning("round %d: %s declined: its privacy budget would be exceeded (ε %.3f spent, "
+                "%.3f after this round, budget %.3f)", round_num, name,
+                metrics.get("epsilon", float("nan")),
+                metrics.get("epsilon_projected", float("nan")),
+                metrics.get("epsilon_budget", float("nan")))
+    return {"status": "declined", **privacy_figures(metrics)}
+
+
+def trained_entry(metrics: dict[str, float]) -> dict[str, Any]:
+    return {"num_examples": int(metrics["num_examples"]),
+            "train_loss": float(metrics["train_loss"]),
+            "seconds": float(metrics.get("seconds", 0.0)), "status": "trained",
+            **privacy_figures(metrics)}
+
+
+def privacy_figures(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: metrics[k] for k in PRIVACY_FIGURES if k in metrics}
+
+
+def round_info(sites: dict[str, dict[str, Any]], participants: int, bytes_up: int,
+               bytes_down: int, train_seconds: float, **extra: Any) -> dict[str, Any]:
+    """What a round reports, whichever way its updates were aggregated."""
+    return {"sites": sites, "participants": participants,
+            "dropped": sum(1 for s in sites.values() if s["status"] == "dropped"),
+            "declined": sum(1 for s in sites.values() if s["status"] == "declined"),
+            "bytes": {"up": bytes_up, "down": bytes_down}, "train_seconds": train_seconds,
+            **extra}
+
+
 class Federation:
     """One federated run: holds the global model and writes the run directory."""
 
@@ -175,14 +206,8 @@ class Federation:
         for node, reply in ok.items():
             name = self.sites[node].name
             metrics = messages.metrics_of(reply.content)
-            privacy = {k: metrics[k] for k in PRIVACY_FIGURES if k in metrics}
             if metrics.get("declined"):
-                log.warning("round %d: %s declined: its privacy budget would be exceeded "
-                            "(ε %.3f spent, %.3f after this round, budget %.3f)", round_num,
-                            name, metrics.get("epsilon", float("nan")),
-                            metrics.get("epsilon_projected", float("nan")),
-                            metrics.get("epsilon_budget", float("nan")))
-                sites[name] = {"status": "declined", **privacy}
+                sites[name] = declined_entry(round_num, name, metrics)
                 continue
             if "model" not in reply.content.array_records:
                 sites[name] = {"status": "dropped", "reason": "reply without a model"}
@@ -196,10 +221,7 @@ class Federation:
                 continue
             bytes_up += messages.state_bytes(update)
             updates.append((update, float(metrics["num_examples"])))
-            sites[name] = {"num_examples": int(metrics["num_examples"]),
-                           "train_loss": float(metrics["train_loss"]),
-                           "seconds": float(metrics.get("seconds", 0.0)),
-                           "status": "trained", **privacy}
+            sites[name] = trained_entry(metrics)
         train_seconds = time.perf_counter() - start
         if len(updates) < self.cfg["federation.min_sites"]:
             log.warning("round %d: only %d update(s), need %d; keeping the previous model",
@@ -207,12 +229,8 @@ class Federation:
             new_state = state
         else:
             new_state = weighted_average(updates)
-        info = {"sites": sites, "participants": len(updates),
-                "dropped": sum(1 for s in sites.values() if s["status"] == "dropped"),
-                "declined": sum(1 for s in sites.values() if s["status"] == "declined"),
-                "bytes": {"up": bytes_up, "down": messages.state_bytes(state) * len(nodes)},
-                "train_seconds": train_seconds}
-        return new_state, info
+        return new_state, round_info(sites, len(updates), bytes_up,
+                                     messages.state_bytes(state) * len(nodes), train_seconds)
 
     def sample(self, round_num: int) -> list[int]:
         nodes = sorted(self.sites)

@@ -84,7 +84,7 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
                        state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
                                                               dict[str, Any]]:
     """Run one securely aggregated round for ``fed`` (a ``Federation``)."""
-    from mmfed.federation import PRIVACY_FIGURES, exchange
+    from mmfed.federation import declined_entry, exchange, round_info, trained_entry
 
     cfg: RunConfig = fed.cfg
     nodes = fed.sample(round_num)
@@ -132,10 +132,9 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
     for node, reply in ok.items():
         sid = sid_of[node]
         metrics = messages.metrics_of(reply.content)
-        privacy = {k: metrics[k] for k in PRIVACY_FIGURES if k in metrics}
         log_.bytes_up += _record_bytes(reply.content)
         if metrics.get("declined"):
-            sites[name_of[sid]] = {"status": "declined", **privacy}
+            sites[name_of[sid]] = declined_entry(round_num, name_of[sid], metrics)
             continue
         if "secagg" not in reply.content.config_records:
             fail(sid, "train", "reply without public keys")
@@ -146,23 +145,15 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
             fail(sid, "train", "malformed public keys")
             continue
         advertised[sid] = {"c_pk": c_pk, "s_pk": s_pk}
-        sites[name_of[sid]] = {"num_examples": int(metrics["num_examples"]),
-                               "train_loss": float(metrics["train_loss"]),
-                               "seconds": float(metrics.get("seconds", 0.0)),
-                               "status": "trained", **privacy}
+        sites[name_of[sid]] = trained_entry(metrics)
     log_.timed("train", start)
 
     def summary(participants: int, aborted: str | None) -> dict[str, Any]:
-        info = {"sites": sites, "participants": participants,
-                "dropped": sum(1 for s in sites.values() if s["status"] == "dropped"),
-                "declined": sum(1 for s in sites.values() if s["status"] == "declined"),
-                "bytes": {"up": log_.bytes_up, "down": log_.bytes_down},
-                "train_seconds": log_.seconds.get("train", 0.0),
-                "stage_seconds": log_.seconds, "secure": True,
-                "threshold": params.threshold, "neighbours": params.neighbours or 0}
-        if aborted:
-            info["aborted"] = aborted
-        return info
+        extra: dict[str, Any] = {"aborted": aborted} if aborted else {}
+        return round_info(sites, participants, log_.bytes_up, log_.bytes_down,
+                          log_.seconds.get("train", 0.0), stage_seconds=log_.seconds,
+                          secure=True, threshold=params.threshold,
+                          neighbours=params.neighbours or 0, **extra)
 
     server = SecAggServer(params)
     try:
