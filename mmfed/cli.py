@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--delta", type=float, help="δ to report ε at (default: the ledger's)")
     show.add_argument("--accountant", choices=("rdp", "prv"), help="default: the ledger's")
 
+    rep = sub.add_parser("report", help="write RUN/report/index.html: a self-contained HTML "
+                         "report of a finished run (performance, privacy, participation)")
+    rep.add_argument("run", type=Path, help="run directory (from simulate or centralized)")
+    rep.add_argument("--baseline", type=Path, help="reference run to compare with, e.g. a "
+                     "`mmfed centralized` run on the same data")
+
     cen = sub.add_parser("centralized", help="train the same model on all sites' data pooled "
                          "(the non-federated reference)")
     _add_run_args(cen)
@@ -141,6 +147,13 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mmfed.report import render_report
+
+    print(f"wrote {render_report(args.run, args.baseline)}")
+    return 0
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from mmfed.simulate import simulate_from_args
 
@@ -158,6 +171,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulate": _cmd_simulate,
     "centralized": _cmd_centralized,
     "privacy": _cmd_privacy,
+    "report": _cmd_report,
 }
 
 
