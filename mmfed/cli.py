@@ -94,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--baseline", type=Path, help="reference run to compare with, e.g. a "
                      "`mmfed centralized` run on the same data")
 
+    exp = sub.add_parser("explain", help="explain a finished run's final model on the "
+                         "holdout (modality contributions, top features, image maps)")
+    exp.add_argument("run", type=Path, help="run directory (holds model.pt)")
+    exp.add_argument("--seed", type=int, default=0, help="seed for the permutations")
+    exp.add_argument("--repeats", type=int, default=3, help="permutations per feature")
+    exp.add_argument("--top", type=int, default=15, help="features listed per modality")
+    exp.add_argument("--images", type=int, default=4, help="holdout images to map")
+    exp.add_argument("--rank-by", choices=("loss", "auroc"), default="loss",
+                     help="order features by log-loss increase (default: steadier) or by "
+                     "AUROC drop when permuted")
+    exp.add_argument("--data", type=Path, help="federation folder holding holdout/ "
+                     "(default: the one recorded in the run)")
+
     cen = sub.add_parser("centralized", help="train the same model on all sites' data pooled "
                          "(the non-federated reference)")
     _add_run_args(cen)
@@ -147,6 +160,12 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from mmfed.explain import explain_from_args
+
+    return explain_from_args(args)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from mmfed.report import render_report
 
@@ -172,6 +191,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "centralized": _cmd_centralized,
     "privacy": _cmd_privacy,
     "report": _cmd_report,
+    "explain": _cmd_explain,
 }
 
 

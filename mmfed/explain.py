@@ -7,10 +7,10 @@ which image regions move its output. ``explain_run`` answers those four question
 writes ``RUN/explain/explanations.json`` plus figures next to it.
 
 Everything here is model-agnostic perturbation (mask a modality, permute a column,
-occlude a patch) measured in holdout AUROC or positive-class probability, so the
-numbers mean the same thing as the run's headline metric and need no attribution
-library. To make 2,000-gene permutation importance take seconds rather than minutes,
-the embeddings of the modalities that a perturbation does not touch are computed once
+occlude a patch) measured in holdout AUROC (the run's headline metric), log-loss, or
+positive-class probability, so the numbers need no attribution library to interpret.
+To make 2,000-gene permutation importance take seconds rather than minutes, the
+embeddings of the modalities that a perturbation does not touch are computed once
 and only the perturbed encoder, the fusion and the head are re-run; for the genomic
 encoder, whose first layer is linear, permuting one gene is an exact rank-one update of
 that layer's output, so all genes are evaluated in batches without re-reading the
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmfed.errors import DataError
+from mmfed.errors import DataError, UsageError
 from mmfed.features import EncodedSite, FeatureSchema
 from mmfed.model import MODALITY_NAMES, MultimodalNet
 
@@ -38,6 +38,8 @@ EXPLAIN_DIR = "explain"
 # first ranked by |gradient x input| and only a shortlist (plus a random control sample,
 # which keeps the shortlist's scores interpretable) is permuted.
 GENE_SCREEN_ABOVE = 5000
+# How ranked lists are ordered: by AUROC drop, or by log-loss (cross-entropy) increase.
+RANK_METRICS = ("auroc", "loss")
 SCREEN_TOP = 200
 SCREEN_RANDOM = 50
 OCCLUSION_PATCH = 8
@@ -89,13 +91,34 @@ def _load_model(run: Path) -> tuple[MultimodalNet, FeatureSchema, Any, dict[str,
         schema = FeatureSchema.from_config(saved["schema"])
         cfg = RunConfig(saved["config"])
         model = build_model(schema, cfg.model_spec())
-        model.load_state_dict(saved["state_dict"])
-    except (ConfigError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: model does not match its schema/config ({first})") from None
+    except (ConfigError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise DataError(f"{path}: unusable schema/config in the model file ({exc})") from None
+    problem = _state_mismatch(model, saved["state_dict"])
+    if problem:
+        raise DataError(f"{path}: weights do not fit this version of the model ({problem}); "
+                        "was it written by an older mmfed?")
+    model.load_state_dict(saved["state_dict"])
     model.eval()
     meta = {"round": saved.get("round"), "run_id": cfg["run_id"]}
     return model, schema, cfg, meta
+
+
+def _state_mismatch(model: nn.Module, state: Any) -> str:
+    """What keeps ``state`` from loading into ``model``, in one line ("" when it fits).
+
+    torch's own message spans many lines; a user needs the first few names only.
+    """
+    if not isinstance(state, dict):
+        return "state_dict is not a mapping"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and (not isinstance(state[k], torch.Tensor)
+                                               or tuple(state[k].shape) != tuple(own[k].shape))]
+    parts = [f"{what} {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
+             for what, keys in (("missing", missing), ("unexpected", extra),
+                                ("wrong shape", shape)) if keys]
+    return "; ".join(parts)
 
 
 def _holdout_folder(run: Path, cfg: Any, data: Path | None) -> Path:
@@ -164,10 +187,20 @@ def auroc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def _score(model: MultimodalNet, h: _Holdout, er: torch.Tensor | None = None,
            ei: torch.Tensor | None = None, eg: torch.Tensor | None = None,
            mask: torch.Tensor | None = None) -> np.ndarray:
+    """(..., 2): AUROC and minus the mean cross-entropy, for any batch of perturbed inputs.
+
+    Both are "higher is better", so ``base - score`` is the AUROC drop and the
+    cross-entropy (log-loss) increase. The second exists because AUROC only moves when a
+    perturbation swaps the order of two patients: one gene among 2,000 rarely does, so
+    its AUROC drop is mostly permutation noise, while the log-loss feels every change of
+    every probability and resolves single-gene effects with a few repeats.
+    """
     probs = _head_probs(model, h.emb_records if er is None else er,
                         h.emb_images if ei is None else ei,
                         h.emb_genomics if eg is None else eg, h.mask if mask is None else mask)
-    return auroc(probs.numpy(), h.labels)
+    labels = torch.from_numpy(h.labels).expand(*probs.shape[:-1])
+    loglik = torch.log(probs.clamp_min(1e-12)).gather(-1, labels[..., None]).squeeze(-1)
+    return np.stack([auroc(probs.numpy(), h.labels), loglik.mean(-1).numpy()], axis=-1)
 
 
 # --------------------------------------------------------------------------- modalities
@@ -175,10 +208,10 @@ def _score(model: MultimodalNet, h: _Holdout, er: torch.Tensor | None = None,
 
 @torch.no_grad()
 def _modality_contributions(model: MultimodalNet, h: _Holdout, used: tuple[str, ...],
-                            base: float) -> dict[str, dict[str, float | None]]:
+                            base: np.ndarray) -> dict[str, dict[str, float | None]]:
     """AUROC without each modality (its mask column zeroed) and with it alone."""
     out: dict[str, dict[str, float | None]] = {"drop": {}, "auroc_without": {},
-                                                "auroc_alone": {}}
+                                                "auroc_alone": {}, "loss_increase": {}}
     for k, name in enumerate(MODALITY_NAMES):
         if name not in used:
             for key in out:
@@ -188,10 +221,11 @@ def _modality_contributions(model: MultimodalNet, h: _Holdout, used: tuple[str, 
         without[:, k] = 0.0
         alone = torch.zeros_like(h.mask)
         alone[:, k] = h.mask[:, k]
-        auc_without = float(_score(model, h, mask=without))
-        out["drop"][name] = base - auc_without
+        auc_without, loglik_without = (float(v) for v in _score(model, h, mask=without))
+        out["drop"][name] = float(base[0]) - auc_without
+        out["loss_increase"][name] = float(base[1]) - loglik_without
         out["auroc_without"][name] = auc_without
-        out["auroc_alone"][name] = float(_score(model, h, mask=alone))
+        out["auroc_alone"][name] = float(_score(model, h, mask=alone)[0])
     return out
 
 
@@ -200,8 +234,8 @@ def _modality_contributions(model: MultimodalNet, h: _Holdout, used: tuple[str, 
 
 @torch.no_grad()
 def _record_importance(model: MultimodalNet, h: _Holdout, schema: FeatureSchema,
-                       rng: np.random.Generator, repeats: int, base: float
-                       ) -> list[dict[str, Any]]:
+                       rng: np.random.Generator, repeats: int, base: np.ndarray,
+                       rank_by: str) -> list[dict[str, Any]]:
     """Permutation importance of every clinical variable, all variables in one batch.
 
     A numeric value is permuted together with its missing-indicator: permuting only the
@@ -212,7 +246,7 @@ def _record_importance(model: MultimodalNet, h: _Holdout, schema: FeatureSchema,
     features = kn + kc
     if features == 0 or n < 2:
         return []
-    drops = np.zeros((repeats, features))
+    drops = np.zeros((repeats, features, 2))
     for r in range(repeats):
         num = h.num.expand(features, -1, -1).clone()
         miss = h.num_missing.expand(features, -1, -1).clone()
@@ -229,18 +263,25 @@ def _record_importance(model: MultimodalNet, h: _Holdout, schema: FeatureSchema,
         drops[r] = base - _score(model, h, er=er)
     names = [*schema.numeric, *schema.categorical]
     kinds = ["numeric"] * kn + ["categorical"] * kc
-    return _ranked(names, drops, kinds)
+    return _ranked(names, drops, rank_by, kinds)
 
 
-def _ranked(names: list[str], drops: np.ndarray, kinds: list[str] | None = None
-            ) -> list[dict[str, Any]]:
-    """Features sorted by mean AUROC drop over repeats (ties broken by name, stably)."""
+def _ranked(names: list[str], drops: np.ndarray, rank_by: str,
+            kinds: list[str] | None = None) -> list[dict[str, Any]]:
+    """Features sorted by the mean of ``rank_by`` over repeats (ties broken by name).
+
+    ``drops`` is (repeats, features, 2): AUROC drop and log-loss increase. "importance"
+    is always the AUROC drop (the run's headline metric); ``rank_by`` picks the order.
+    """
     mean, sd = drops.mean(axis=0), drops.std(axis=0)
-    order = sorted(range(len(names)), key=lambda j: (-mean[j], names[j]))
+    key = mean[:, RANK_METRICS.index(rank_by)]
+    order = sorted(range(len(names)), key=lambda j: (-key[j], names[j]))
     out = []
     for rank, j in enumerate(order, start=1):
-        item: dict[str, Any] = {"rank": rank, "name": names[j], "importance": float(mean[j]),
-                                "std": float(sd[j])}
+        item: dict[str, Any] = {"rank": rank, "name": names[j],
+                                "importance": float(mean[j, 0]), "std": float(sd[j, 0]),
+                                "loss_increase": float(mean[j, 1]),
+                                "loss_increase_std": float(sd[j, 1])}
         if kinds is not None:
             item["kind"] = kinds[j]
         out.append(item)
@@ -271,17 +312,19 @@ def _split_first_linear(encoder: nn.Module) -> tuple[nn.Linear, nn.Module] | Non
 
 @torch.no_grad()
 def _gene_permutation(model: MultimodalNet, h: _Holdout, genes: np.ndarray,
-                      rng: np.random.Generator, repeats: int, base: float) -> np.ndarray:
-    """AUROC drops (repeats, len(genes)) when each listed gene is permuted.
+                      rng: np.random.Generator, repeats: int, base: np.ndarray,
+                      rank_one: bool = True) -> np.ndarray:
+    """(repeats, len(genes), 2) AUROC drops and log-loss increases, one gene permuted.
 
     Values are permuted among the patients who have genomics: the rest are masked out of
     the fusion, and swapping their placeholder zeros in would invent measurements.
+    ``rank_one=False`` forces the generic whole-encoder path (tests compare the two).
     """
     present = np.flatnonzero(h.mask[:, 2].numpy() > 0.5)
-    drops = np.zeros((repeats, len(genes)))
+    drops = np.zeros((repeats, len(genes), 2))
     if len(present) < 2 or len(genes) == 0:
         return drops
-    split = _split_first_linear(model.genomics)
+    split = _split_first_linear(model.genomics) if rank_one else None
     x = h.genomics
     rows = torch.from_numpy(present)
     pre = split[0](x) if split is not None else None
@@ -317,8 +360,8 @@ def _gene_saliency(model: MultimodalNet, h: _Holdout, target: torch.Tensor) -> n
 
 
 def _gene_importance(model: MultimodalNet, h: _Holdout, schema: FeatureSchema,
-                     rng: np.random.Generator, repeats: int, base: float,
-                     screen_above: int, target: torch.Tensor
+                     rng: np.random.Generator, repeats: int, base: np.ndarray,
+                     screen_above: int, target: torch.Tensor, rank_by: str
                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     g = len(schema.genes)
     if g == 0:
@@ -340,7 +383,7 @@ def _gene_importance(model: MultimodalNet, h: _Holdout, schema: FeatureSchema,
                             "unlisted genes were not scored",
                   "control_genes": sorted(schema.genes[i] for i in control)}
     drops = _gene_permutation(model, h, chosen, rng, repeats, base)
-    return _ranked([schema.genes[i] for i in chosen], drops), method
+    return _ranked([schema.genes[i] for i in chosen], drops, rank_by), method
 
 
 # --------------------------------------------------------------------------- images
@@ -375,24 +418,27 @@ def _occlusion(model: MultimodalNet, h: _Holdout, i: int, target: int) -> tuple[
     return heat / np.maximum(count, 1), full
 
 
-def _pick_image_patients(h: _Holdout, probs: np.ndarray, target: np.ndarray, k: int
+def _pick_image_patients(h: _Holdout, image_probs: np.ndarray, target: np.ndarray, k: int
                          ) -> list[int]:
-    """The most confidently correct positives, then negatives, among patients with images.
+    """Patients whose image alone is the strongest evidence: positives, then negatives.
 
-    Confident true positives show what the model reads as disease; confident negatives
-    show that it is not reacting to ordinary anatomy. Deterministic, so reruns compare.
+    Ranked by the model's target-class probability with the image as the only evidence,
+    because the full model's most confident patients are mostly decided by records and
+    genomics and their images need not show anything. The top true positives show what
+    the model reads as disease; the clearest true negatives show it is not reacting to
+    ordinary anatomy. Deterministic, so reruns compare.
     """
     with_image = np.flatnonzero(h.mask[:, 1].numpy() > 0.5)
-    p_target = probs[np.arange(len(probs)), target]
-    pos = [i for i in with_image if h.labels[i] == 1]
-    neg = [i for i in with_image if h.labels[i] != 1]
-    pos.sort(key=lambda i: -p_target[i])
-    neg.sort(key=lambda i: p_target[i])
+    p_target = image_probs[np.arange(len(image_probs)), target]
+    pos = [int(i) for i in with_image if h.labels[i] == 1]
+    neg = [int(i) for i in with_image if h.labels[i] != 1]
+    pos.sort(key=lambda i: (-p_target[i], i))
+    neg.sort(key=lambda i: (p_target[i], i))
     want_pos = min(len(pos), (k + 1) // 2)
     chosen = pos[:want_pos] + neg[:k - want_pos]
     if len(chosen) < k:  # too few negatives: fill with further positives
         chosen += pos[want_pos:want_pos + k - len(chosen)]
-    return [int(i) for i in chosen]
+    return chosen
 
 
 # --------------------------------------------------------------------------- figures
@@ -442,7 +488,7 @@ def _modality_figure(path: Path, contrib: dict[str, float | None], base: float) 
 
 
 def _features_figure(path: Path, genes: list[dict[str, Any]], records: list[dict[str, Any]],
-                     top: int) -> None:
+                     top: int, rank_by: str) -> None:
     from matplotlib.figure import Figure
 
     panels = [(p, title) for p, title in ((genes[:top], "Top genes"),
@@ -451,11 +497,14 @@ def _features_figure(path: Path, genes: list[dict[str, Any]], records: list[dict
     axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
     for ax, (items, title) in zip(axes, panels, strict=False):
         names = [it["name"] for it in items][::-1]
-        means = [it["importance"] for it in items][::-1]
-        sds = [it["std"] for it in items][::-1]
+        mean_key, sd_key, what = (("importance", "std", "AUROC drop") if rank_by == "auroc"
+                                  else ("loss_increase", "loss_increase_std",
+                                        "log-loss increase"))
+        means = [it[mean_key] for it in items][::-1]
+        sds = [it[sd_key] for it in items][::-1]
         ax.barh(names, means, xerr=sds, color="#4c72b0", ecolor="gray")
         ax.axvline(0.0, color="black", linewidth=0.8)
-        ax.set_xlabel("holdout AUROC drop when permuted (mean ± sd over repeats)")
+        ax.set_xlabel(f"holdout {what} when permuted (mean ± sd over repeats)")
         ax.set_title(title)
     if not panels:
         axes[0].set_title("no features to show")
@@ -466,14 +515,16 @@ def _features_figure(path: Path, genes: list[dict[str, Any]], records: list[dict
 
 
 def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, images: int = 4,
-                data: Path | None = None, gene_screen_above: int = GENE_SCREEN_ABOVE
-                ) -> dict[str, Any]:
+                rank_by: str = "loss", data: Path | None = None,
+                gene_screen_above: int = GENE_SCREEN_ABOVE) -> dict[str, Any]:
     """Explain a finished run's final model on the holdout; writes ``RUN/explain/``.
 
-    ``data`` overrides the federation folder recorded in the run (for a moved run);
-    ``gene_screen_above`` is the gene count above which genes are screened by
-    gradient x input before permutation. Returns exactly what explanations.json holds.
-    Deterministic given ``seed``: the permutations are the only randomness.
+    ``rank_by`` orders the feature lists: "auroc" (mean AUROC drop, the run's headline
+    metric) or "loss" (mean log-loss increase, far less noisy for single genes); every
+    item carries both. ``data`` overrides the federation folder recorded in the run (for
+    a moved run); ``gene_screen_above`` is the gene count above which genes are screened
+    by gradient x input before permutation. Returns exactly what explanations.json
+    holds. Deterministic given ``seed``: the permutations are the only randomness.
     """
     from mmfed.data.reader import load_site
     from mmfed.features import encode
@@ -481,7 +532,9 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
     from mmfed.training import restrict_modalities
 
     if repeats < 1 or top < 1 or images < 0:
-        raise ValueError("repeats and top must be >= 1 and images >= 0")
+        raise UsageError("explain: --repeats and --top must be >= 1 and --images >= 0")
+    if rank_by not in RANK_METRICS:
+        raise UsageError(f"explain: --rank-by must be one of {', '.join(RANK_METRICS)}")
     started = time.perf_counter()
     run = Path(run)
     threads = torch.get_num_threads()
@@ -497,22 +550,32 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
         h = _prepare(model, enc)
         rng = np.random.default_rng([seed, 20240])
         with torch.no_grad():
-            probs = _head_probs(model, h.emb_records, h.emb_images, h.emb_genomics, h.mask)
-        base = float(auroc(probs.numpy(), h.labels))
+            base = _score(model, h)  # [AUROC, mean log-likelihood]
         n_classes = len(schema.classes)
         # Binary: explain the positive class (index 1); otherwise each patient's own class.
         target = np.ones(len(enc), dtype=np.int64) if n_classes == 2 else enc.labels.copy()
         modal = _modality_contributions(model, h, used, base)
-        records = (_record_importance(model, h, schema, rng, repeats, base)
+        records = (_record_importance(model, h, schema, rng, repeats, base, rank_by)
                    if "records" in used else [])
         genes, gene_method = (_gene_importance(model, h, schema, rng, repeats, base,
-                                               gene_screen_above, torch.from_numpy(target))
+                                               gene_screen_above, torch.from_numpy(target),
+                                               rank_by)
                               if "genomics" in used else ([], {"genes_permuted": 0}))
         out_dir = run / EXPLAIN_DIR
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"{out_dir}: cannot be created ({exc.strerror})") from None
+        for stale in out_dir.glob("image-*.png"):  # maps of an earlier call's patients
+            stale.unlink()
         image_items = []
         if "images" in used and images > 0:
-            for i in _pick_image_patients(h, probs.numpy(), target, images):
+            image_only = torch.zeros_like(h.mask)
+            image_only[:, 1] = h.mask[:, 1]
+            with torch.no_grad():
+                image_probs = _head_probs(model, h.emb_records, h.emb_images, h.emb_genomics,
+                                          image_only).numpy()
+            for i in _pick_image_patients(h, image_probs, target, images):
                 heat, prob = _occlusion(model, h, i, int(target[i]))
                 pid = site.ids[i]
                 name = f"image-{pid}.png"
@@ -523,10 +586,12 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
                 image_items.append({"patient_id": pid, "png": name,
                                     "label": schema.classes[int(h.labels[i])],
                                     "target_class": cls, "probability": prob,
+                                    "image_only_probability": float(
+                                        image_probs[i, int(target[i])]),
                                     "max_drop": float(heat.max()),
                                     "peak_yx": [int(peak[0]), int(peak[1])]})
-        _modality_figure(out_dir / "modality_contributions.png", modal["drop"], base)
-        _features_figure(out_dir / "top_features.png", genes, records, top)
+        _modality_figure(out_dir / "modality_contributions.png", modal["drop"], float(base[0]))
+        _features_figure(out_dir / "top_features.png", genes, records, top, rank_by)
         result: dict[str, Any] = finite({
             "run": str(run),
             "run_id": meta["run_id"],
@@ -537,13 +602,17 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
                         "with_images": int(enc.mask[:, 1].sum()),
                         "with_genomics": int(enc.mask[:, 2].sum())},
             "modalities_used": list(used),
-            "auroc": base,
+            "auroc": float(base[0]),
+            "loss": float(-base[1]),
             "modality_contribution": modal["drop"],
+            "modality_loss_increase": modal["loss_increase"],
             "modality_auroc_without": modal["auroc_without"],
             "modality_auroc_alone": modal["auroc_alone"],
             "top_features": {"records": records[:top], "genomics": genes[:top]},
-            "feature_importance": {"records": {it["name"]: it["importance"] for it in records},
-                                   "genomics": {it["name"]: it["importance"] for it in genes}},
+            "feature_importance": {
+                mod: {"auroc_drop": {it["name"]: it["importance"] for it in items},
+                      "loss_increase": {it["name"]: it["loss_increase"] for it in items}}
+                for mod, items in (("records", records), ("genomics", genes))},
             "images": image_items,
             "figures": {"modality_contributions": "modality_contributions.png",
                         "top_features": "top_features.png"},
@@ -552,16 +621,20 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
                 "modality_contribution": "AUROC(full) - AUROC with that modality's mask "
                                          "column set to 0 for every patient (absent = no "
                                          "evidence, as in training)",
-                "permutation": f"AUROC drop when one column is permuted across patients, "
-                               f"mean (and sd) over {repeats} seeded permutations; numeric "
-                               "records are permuted with their missing-indicator; genes "
-                               "among patients with genomics only",
+                "permutation": f"AUROC drop ('importance') and log-loss increase when one "
+                               f"column is permuted across patients, mean (and sd) over "
+                               f"{repeats} seeded permutations; numeric records are "
+                               "permuted with their missing-indicator; genes among "
+                               "patients with genomics only",
+                "rank_by": rank_by,
                 "genomics": gene_method,
                 "images": f"occlusion: {OCCLUSION_PATCH}x{OCCLUSION_PATCH} patch set to the "
                           f"image mean (gray), stride {OCCLUSION_STRIDE}; map = mean drop "
                           "in the target-class probability over patches covering a pixel",
-                "image_patients": "most confident true positives, then most confident true "
-                                  "negatives, among holdout patients with an image",
+                "image_patients": "patients with an image, ranked by the target-class "
+                                  "probability with the image as the only evidence: the "
+                                  "highest true positives, then the lowest true negatives; "
+                                  "the maps themselves use the full model",
                 "seed": seed, "repeats": repeats, "top": top,
             },
             "runtime_seconds": round(time.perf_counter() - started, 2),
@@ -582,8 +655,9 @@ def summary_lines(result: dict[str, Any], top: int = 5) -> list[str]:
     for mod in ("records", "genomics"):
         items = result["top_features"][mod][:top]
         if items:
-            lines.append(f"top {mod}: " + ", ".join(
-                f"{it['name']} {it['importance']:+.4f}" for it in items))
+            key = "importance" if result["method"]["rank_by"] == "auroc" else "loss_increase"
+            lines.append(f"top {mod} ({key}): " + ", ".join(
+                f"{it['name']} {it[key]:+.4f}" for it in items))
     if result["images"]:
         lines.append(f"{len(result['images'])} image maps: "
                      + ", ".join(it["png"] for it in result["images"]))
@@ -592,4 +666,12 @@ def summary_lines(result: dict[str, Any], top: int = 5) -> list[str]:
     return lines
 
 
-__all__ = ["auroc", "explain_run", "summary_lines"]
+def explain_from_args(args: Any) -> int:
+    """``mmfed explain RUN``: the CLI's thin wrapper (argparse namespace in, exit code out)."""
+    result = explain_run(Path(args.run), seed=args.seed, repeats=args.repeats, top=args.top,
+                         images=args.images, rank_by=args.rank_by, data=args.data)
+    print("\n".join(summary_lines(result)))
+    return 0
+
+
+__all__ = ["RANK_METRICS", "auroc", "explain_from_args", "explain_run", "summary_lines"]

@@ -24,7 +24,7 @@ from tests.helpers import MMFED, QUIET, run_mmfed
 pytestmark = pytest.mark.slow
 
 ALL_SECTIONS = ("summary", "performance", "privacy", "participation", "communication",
-                "holdout", "baseline")
+                "holdout", "explanations", "baseline")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.toml", "model.pt")
 

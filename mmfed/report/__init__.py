@@ -22,7 +22,7 @@ from pathlib import Path
 REPORT_DIR = "report"
 INDEX = "index.html"
 SECTION_IDS = ("summary", "performance", "privacy", "participation", "communication",
-               "holdout", "baseline")
+               "holdout", "explanations", "baseline")
 
 __all__ = ["INDEX", "REPORT_DIR", "SECTION_IDS", "render_report"]
 
@@ -66,6 +66,7 @@ def render_report(run: Path, baseline: Path | None = None) -> Path:
             sections.participation_section(data, tmp),
             sections.communication_section(data, tmp),
             sections.holdout_section(holdout, data, tmp),
+            sections.explanations_section(run, tmp),
         ]
         if base is not None:
             parts.append(sections.baseline_section(data, base, tmp))

@@ -275,6 +275,51 @@ def baseline_section(data: RunData, base: RunData, out: Path) -> Section:
     return Section("baseline", "Baseline comparison", body)
 
 
+def explanations_section(run: Path, out: Path) -> Section:
+    """What drove the predictions, from ``mmfed explain RUN`` when it has been run."""
+    import json
+    import shutil
+
+    folder = run / "explain"
+    source = folder / "explanations.json"
+    if not source.is_file():
+        return Section("explanations", "Explanations", para(
+            "No explanations yet: run `mmfed explain RUN`, then render the report again, "
+            "to add per-modality contributions, top features and image attribution maps."))
+    try:
+        found = json.loads(source.read_text(encoding="utf-8"))
+        contribution = dict(found["modality_contribution"])
+        top = dict(found["top_features"])
+        images = list(found.get("images", []))
+        figures = dict(found.get("figures", {}))
+    except (OSError, ValueError, KeyError, TypeError):
+        return Section("explanations", "Explanations", para(
+            f"{source} is unreadable; run `mmfed explain RUN` again."))
+    method = found.get("method", {}) if isinstance(found.get("method"), dict) else {}
+    body = para(f"Computed on the holdout by `mmfed explain` ({method.get('rank_by', 'loss')} "
+                f"ranking, seed {method.get('seed', '?')}). "
+                "A modality's contribution is the AUROC lost when it is masked out for "
+                "every patient.")
+    body += table(["modality", "AUROC drop when masked"],
+                  [[m, contribution[m]] for m in contribution], "Modality contributions",
+                  "table-modality-contribution")
+    for modality, rows in top.items():
+        body += table(["rank", "feature", "log-loss increase", "AUROC drop"],
+                      [[r.get("rank"), r.get("name"), r.get("loss_increase"),
+                        r.get("importance")] for r in rows[:10]],
+                      f"Top {modality} features (permutation importance)",
+                      f"table-top-{modality}")
+    names = [str(v) for v in figures.values()] + [str(i.get("png")) for i in images]
+    for name in names:
+        src = folder / name
+        if not name.endswith(".png") or "/" in name or not src.is_file():
+            continue
+        shutil.copyfile(src, out / f"explain-{name}")
+        body += figure(plots.Plot(f"explain-{name}", name.removesuffix(".png")),
+                       name.removesuffix(".png").replace("-", " ").replace("_", " "))
+    return Section("explanations", "Explanations", body)
+
+
 def subtitle(data: RunData) -> str:
     """Plain text (the page escapes it)."""
     return f"{data.mode} run · {len(data.rounds)} round(s) · {data.path}"
