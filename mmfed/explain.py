@@ -32,6 +32,7 @@ from torch import nn
 from mmfed.errors import DataError, UsageError
 from mmfed.features import EncodedSite, FeatureSchema
 from mmfed.model import MODALITY_NAMES, MultimodalNet
+from mmfed.saved_model import holdout_folder, load_saved_model
 
 EXPLAIN_DIR = "explain"
 # Above this many genes, permuting every gene would dominate the run time, so genes are
@@ -64,74 +65,6 @@ class _Holdout:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def _load_model(run: Path) -> tuple[MultimodalNet, FeatureSchema, Any, dict[str, Any]]:
-    """Rebuild the final model from ``RUN/model.pt``; any defect is a one-line DataError."""
-    from mmfed.config import RunConfig
-    from mmfed.errors import ConfigError
-    from mmfed.model import build_model
-
-    if not run.is_dir():
-        raise DataError(f"{run}: no such run directory")
-    path = run / "model.pt"
-    if not path.is_file():
-        raise DataError(f"{run}: no model.pt (the run did not finish, or this is not a run "
-                        "directory)")
-    try:
-        # weights_only: the payload is tensors plus plain config values, and a model file
-        # handed over from elsewhere must not be able to execute code when loaded.
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for torn or foreign files
-        raise DataError(f"{path}: cannot be loaded as an mmfed model ({type(exc).__name__})"
-                        ) from None
-    if not isinstance(saved, dict) or not {"state_dict", "schema", "config"} <= set(saved):
-        raise DataError(f"{path}: not an mmfed model file (missing state_dict/schema/config)")
-    try:
-        schema = FeatureSchema.from_config(saved["schema"])
-        cfg = RunConfig(saved["config"])
-        model = build_model(schema, cfg.model_spec())
-    except (ConfigError, KeyError, TypeError, ValueError, IndexError) as exc:
-        raise DataError(f"{path}: unusable schema/config in the model file ({exc})") from None
-    problem = _state_mismatch(model, saved["state_dict"])
-    if problem:
-        raise DataError(f"{path}: weights do not fit this version of the model ({problem}); "
-                        "was it written by an older mmfed?")
-    model.load_state_dict(saved["state_dict"])
-    model.eval()
-    meta = {"round": saved.get("round"), "run_id": cfg["run_id"]}
-    return model, schema, cfg, meta
-
-
-def _state_mismatch(model: nn.Module, state: Any) -> str:
-    """What keeps ``state`` from loading into ``model``, in one line ("" when it fits).
-
-    torch's own message spans many lines; a user needs the first few names only.
-    """
-    if not isinstance(state, dict):
-        return "state_dict is not a mapping"
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and (not isinstance(state[k], torch.Tensor)
-                                               or tuple(state[k].shape) != tuple(own[k].shape))]
-    parts = [f"{what} {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
-             for what, keys in (("missing", missing), ("unexpected", extra),
-                                ("wrong shape", shape)) if keys]
-    return "; ".join(parts)
-
-
-def _holdout_folder(run: Path, cfg: Any, data: Path | None) -> Path:
-    """The holdout the server evaluated on; a moved run falls back to its own data copy."""
-    candidates = [Path(data) / "holdout"] if data is not None else []
-    if cfg["data.dir"]:
-        candidates.append(Path(cfg["data.dir"]) / "holdout")
-    candidates.append(run / "data" / "holdout")
-    for folder in candidates:
-        if folder.is_dir():
-            return folder
-    raise DataError(f"{run}: holdout folder not found (looked in "
-                    f"{', '.join(str(c) for c in candidates)}; pass the federation folder)")
 
 
 @torch.no_grad()
@@ -540,8 +473,10 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the stated budget is one CPU thread; results don't depend on it
     try:
-        model, schema, cfg, meta = _load_model(run)
-        folder = _holdout_folder(run, cfg, data)
+        saved = load_saved_model(run)
+        model, schema, cfg = saved.model, saved.schema, saved.cfg
+        meta = {"round": saved.round, "run_id": cfg["run_id"]}
+        folder = holdout_folder(run, cfg, data)
         site = load_site(folder)
         used = tuple(m for m in MODALITY_NAMES if m in cfg["train.modalities"])
         enc = restrict_modalities(encode(site, schema), used)

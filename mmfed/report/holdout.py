@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -39,61 +38,17 @@ class HoldoutResult:
         return len(self.classes) == 2
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _load_saved(path: Path) -> dict[str, Any]:
-    import torch
-
-    if not path.is_file():
-        raise DataError(f"{path.parent}: no model.pt (the run did not finish, or this is not "
-                        "a run directory); the holdout plots need it")
-    try:
-        # weights_only: the payload is tensors and plain values, and a model file handed
-        # over from elsewhere must not be able to run code when a report is rendered.
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for torn or foreign files
-        raise DataError(f"{path}: cannot be loaded as an mmfed model ({type(exc).__name__})"
-                        ) from None
-    if not isinstance(saved, dict) or not {"state_dict", "schema", "config"} <= set(saved):
-        raise DataError(f"{path}: not an mmfed model file (missing state_dict/schema/config)")
-    return saved
-
-
-def _holdout_folder(run: Path, data_dir: str) -> Path:
-    """The holdout the server evaluated on; a moved run falls back to its own data copy."""
-    candidates = [Path(data_dir) / "holdout"] if data_dir else []
-    candidates.append(run / "data" / "holdout")
-    for folder in candidates:
-        if folder.is_dir():
-            return folder
-    raise DataError(f"{run}: holdout folder not found (looked in "
-                    f"{', '.join(str(c) for c in candidates)})")
-
-
 def evaluate_holdout(run: Path) -> HoldoutResult:
     """Rebuild RUN/model.pt and predict the holdout; any defect is a one-line DataError."""
-    from mmfed.config import RunConfig
     from mmfed.data import load_site
-    from mmfed.errors import ConfigError
-    from mmfed.features import FeatureSchema, encode
+    from mmfed.features import encode
     from mmfed.metrics import classification_metrics
-    from mmfed.model import build_model
+    from mmfed.saved_model import holdout_folder, load_saved_model
     from mmfed.training import predict
 
-    path = run / "model.pt"
-    saved = _load_saved(path)
-    try:
-        schema = FeatureSchema.from_config(saved["schema"])
-        cfg = RunConfig(saved["config"])
-        model = build_model(schema, cfg.model_spec())
-        model.load_state_dict(saved["state_dict"])
-    except (ConfigError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise DataError(f"{path}: model does not match its schema/config "
-                        f"({_first_line(exc)})") from None
-    folder = _holdout_folder(run, str(cfg["data.dir"]))
+    saved = load_saved_model(run)
+    model, schema, cfg = saved.model, saved.schema, saved.cfg
+    folder = holdout_folder(run, cfg)
     holdout = encode(load_site(folder), schema)  # load_site raises DataError itself
     if len(holdout) == 0:
         raise DataError(f"{folder}: the holdout has no patients")
@@ -101,10 +56,8 @@ def evaluate_holdout(run: Path) -> HoldoutResult:
         raise DataError(f"{folder}: holdout labels do not match the model's classes "
                         f"{schema.classes}")
     probs, loss = predict(model, holdout, tuple(cfg["train.modalities"]))
-    rnd = saved.get("round")
     return HoldoutResult(probs=probs, labels=holdout.labels, classes=list(schema.classes),
-                         loss=float(loss), folder=folder,
-                         model_round=rnd if isinstance(rnd, int) else None,
+                         loss=float(loss), folder=folder, model_round=saved.round,
                          metrics=classification_metrics(probs, holdout.labels, loss))
 
 
