@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from mmfed.errors import DataError, UsageError
-from mmfed.explain import _gene_permutation, _load_model, _prepare, auroc, explain_run
+from mmfed.explain import _gene_permutation, _prepare, auroc, explain_run
+from mmfed.saved_model import load_saved_model
 from tests.helpers import run_mmfed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -152,7 +153,8 @@ def test_batched_gene_permutation_matches_the_full_model(run_dir: Path,
     from mmfed.features import EncodedSite, encode
     from mmfed.training import predict
 
-    model, schema, cfg, _ = _load_model(run_dir)
+    saved = load_saved_model(run_dir)
+    model, schema, cfg = saved.model, saved.schema, saved.cfg
     enc = encode(load_site(Path(cfg["data.dir"]) / "holdout"), schema)
     h = _prepare(model, enc)
     with torch.no_grad():
