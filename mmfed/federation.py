@@ -123,8 +123,11 @@ def trained_entry(metrics: dict[str, float]) -> dict[str, Any]:
             **privacy_figures(metrics)}
 
 
-def privacy_figures(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: metrics[k] for k in PRIVACY_FIGURES if k in metrics}
+def privacy_figures(metrics: dict[str, float]) -> dict[str, float | None]:
+    """A site's privacy figures; ε and δ are null (not absent) when it trained without DP."""
+    figures: dict[str, float | None] = {"epsilon": None, "delta": None}
+    figures.update({k: metrics[k] for k in PRIVACY_FIGURES if k in metrics})
+    return figures
 
 
 def round_info(sites: dict[str, dict[str, Any]], participants: int, bytes_up: int,
