@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mmfed.errors import ConfigError
-from mmfed.model import FUSIONS, MODALITY_NAMES, ModelSpec
+from mmfed.specs import FUSIONS, MODALITY_NAMES, ModelSpec, TrainSpec
 from mmfed.toml_text import toml_value
-from mmfed.training import TrainSpec
 
 Value = bool | int | float | str | list[str]
 
@@ -43,11 +42,18 @@ DEFAULTS: dict[str, Value] = {
     "train.weight_decay": 0.05,
     "train.class_weighting": "balanced",
     "train.modalities": list(MODALITY_NAMES),
+    "train.modality_dropout": 0.0,  # chance of hiding each present modality per patient
+    "train.device": "auto",  # auto: CUDA when present; or cpu, cuda, cuda:N
     "federation.fraction_train": 1.0,
     "federation.min_sites": 1,
     "federation.round_timeout": 900.0,
     "federation.local_eval": True,
     "simulation.cpus_per_site": 1.0,
+    # Each encoder averaged over the sites (and patients) that had its modality.
+    "aggregation.modality_aware": True,
+    "aggregation.rule": "fedavg",  # plaintext only: fedavg, median, trimmed_mean
+    "aggregation.trim_fraction": 0.1,  # trimmed_mean: share cut from each end
+    "aggregation.max_update_norm": 0.0,  # L2 bound on a site's update; 0 = no bound
     # Off by default until DP utility meets the project's bar (see README, "Privacy").
     "privacy.enabled": False,
     "privacy.epsilon": 8.0,
@@ -63,6 +69,7 @@ DEFAULTS: dict[str, Value] = {
     "secagg.clip_range": 1.0,  # per-coordinate clipping of updates before quantizing
     "secagg.count_cap": 10000,  # example counts are sent as n / count_cap
     "faults.drop": [],  # fault injection for drills: "site-name:round:stage"
+    "faults.corrupt": [],  # "site-name:round:kind", kind nan, shape or huge (a bad update)
     "out": "",
     "run_id": "",  # set when the run directory is created
 }
@@ -108,6 +115,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "train.weight_decay": _in(0.0, 10.0),
     "train.class_weighting": _choice(("balanced", "none")),
     "train.modalities": _modalities,
+    "train.modality_dropout": _in(0.0, 0.9),
+    "train.device": lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v)
+    else "must be auto, cpu, cuda, cuda:N or mps",
     "federation.fraction_train": _in(0.01, 1.0),
     "federation.min_sites": _in(1, 1000),
     "federation.round_timeout": _in(1.0, 86400.0),
@@ -118,6 +128,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "privacy.accountant": _choice(("rdp", "prv")),
     "privacy.max_noise_multiplier": _in(0.1, 1000.0),
     "privacy.grad_sample_mode": _choice(("ghost", "hooks")),
+    "aggregation.rule": _choice(("fedavg", "median", "trimmed_mean")),
+    "aggregation.trim_fraction": _in(0.0, 0.45),
+    "aggregation.max_update_norm": _in(0.0, 1e12),
     "secagg.threshold": _in(0, 100_000),
     "secagg.neighbours": _in(0, 100_000),
     "secagg.clip_range": _in(1e-6, 1e6),
@@ -126,6 +139,10 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
         len(x.split(":")) == 3 and x.split(":")[1].isdigit()
         and x.split(":")[2] in ("train", "share", "mask", "unmask") for x in v)
     else "each entry must be site:round:stage with stage train, share, mask or unmask",
+    "faults.corrupt": lambda v: None if all(
+        len(x.split(":")) == 3 and x.split(":")[1].isdigit()
+        and x.split(":")[2] in ("nan", "shape", "huge") for x in v)
+    else "each entry must be site:round:kind with kind nan, shape or huge",
 }
 
 
@@ -276,4 +293,6 @@ class RunConfig:
         return TrainSpec(epochs=self["train.local_epochs"], batch_size=self["train.batch_size"],
                          lr=self["train.lr"], weight_decay=self["train.weight_decay"],
                          class_weighting=self["train.class_weighting"],
-                         modalities=tuple(self["train.modalities"]))
+                         modalities=tuple(self["train.modalities"]),
+                         modality_dropout=self["train.modality_dropout"],
+                         device=self["train.device"])

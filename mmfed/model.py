@@ -7,29 +7,13 @@ out of the fusion, so a missing image is "no evidence", not "a black image".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from mmfed.features import FeatureSchema
+from mmfed.specs import FUSIONS, MODALITY_NAMES, ModelSpec
 
-MODALITY_NAMES = ("records", "images", "genomics")
-FUSIONS = ("concat", "gated")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Architecture hyper-parameters (from the run config)."""
-
-    fusion: str = "gated"
-    embed_dim: int = 32
-    hidden: int = 64
-    dropout: float = 0.1
-    image_channels: int = 8
-    cat_embed_dim: int = 4
-    genomics_hidden: int = 16  # narrow and heavily dropped out: 2,000 genes, few patients
-    genomics_dropout: float = 0.5
+__all__ = ["FUSIONS", "MODALITY_NAMES", "ModelSpec", "MultimodalNet", "build_model"]
 
 
 class ImageEncoder(nn.Module):

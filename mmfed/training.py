@@ -6,7 +6,6 @@ centralized reference, so the three differ only in which data they see.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,19 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mmfed.features import EncodedSite
 from mmfed.metrics import classification_metrics
-from mmfed.model import MODALITY_NAMES
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """Local optimisation settings (from the run config)."""
-
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.001
-    weight_decay: float = 0.05
-    class_weighting: str = "balanced"  # or "none"
-    modalities: tuple[str, ...] = MODALITY_NAMES
+from mmfed.specs import MODALITY_NAMES, TrainSpec
 
 
 def restrict_modalities(enc: EncodedSite, modalities: tuple[str, ...]) -> EncodedSite:

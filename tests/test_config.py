@@ -43,7 +43,10 @@ def non_default() -> RunConfig:
         "privacy.grad_sample_mode": "hooks", "privacy.ledger_dir": "/tmp/ledger dir",
         "privacy.site.site-2.epsilon": 1.0, "secagg.enabled": False, "secagg.threshold": 3,
         "secagg.neighbours": 4, "secagg.clip_range": 0.5, "secagg.count_cap": 500,
-        "faults.drop": ["site-1:2:mask"],
+        "faults.drop": ["site-1:2:mask"], "faults.corrupt": ["site-2:1:nan"],
+        "train.modality_dropout": 0.3, "train.device": "cuda:1",
+        "aggregation.modality_aware": False, "aggregation.rule": "median",
+        "aggregation.trim_fraction": 0.2, "aggregation.max_update_norm": 50.0,
     })
     assert all(cfg[k] != v for k, v in DEFAULTS.items()), "helper must change every key"
     return cfg
