@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmfed.features import EncodedSite
+from mmfed.specs import TrainSpec
 from mmfed.training import (
-    TrainSpec,
     make_loss,
     make_optimizer,
     restrict_modalities,
