@@ -12,9 +12,9 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from mmfed import messages, site_runtime, site_secagg
+from mmfed import faults, messages, site_runtime, site_secagg
 from mmfed.errors import MmfedError
-from mmfed.updates import flat_delta
+from mmfed.updates import flat_delta, group_weights
 
 app = ClientApp()
 
@@ -49,13 +49,25 @@ def train(msg: Message, context: Context) -> Message:
     site_secagg.check_fault(list(cfg["faults.drop"]), name, round_num, "train")
     outcome = site_runtime.train_round(folder, cfg, schema, state, round_num,
                                        dict(context.node_config))
-    if "secagg" not in msg.content.config_records or outcome.state is None:
-        reply = messages.reply_content(name, state=outcome.state, metrics=outcome.metrics)
+    secure = "secagg" in msg.content.config_records
+    kind = faults.corruption(list(cfg["faults.corrupt"]), name, round_num)
+    if kind and outcome.state is not None and not secure:  # drill: send a bad update
+        outcome.state = faults.corrupt_state(outcome.state, state, kind)
+    if not secure or outcome.state is None:
+        counts = {f"count_{m}": float(c) for m, c in outcome.counts.items()}
+        reply = messages.reply_content(name, state=outcome.state,
+                                       metrics={**outcome.metrics, **counts})
         return Message(reply, reply_to=msg)
     # Secure aggregation: the update stays here; only public keys leave with the metrics.
     update = flat_delta(outcome.state, state)
+    if kind:  # drill: corrupted before the guard, so that the guard is what stops it
+        update = faults.corrupt_vector(update, kind)
+    update = site_secagg.guard(dict(msg.content.config_records["secagg"]), update,
+                               float(cfg["aggregation.max_update_norm"]))
+    num_examples = int(outcome.metrics["num_examples"])
     pks = site_secagg.begin(context.state, dict(msg.content.config_records["secagg"]),
-                            update, int(outcome.metrics["num_examples"]))
+                            update, num_examples,
+                            group_weights(num_examples, outcome.counts, True))
     reply = messages.reply_content(name, metrics=outcome.metrics)
     reply["secagg"] = pks
     return Message(reply, reply_to=msg)

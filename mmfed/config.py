@@ -30,12 +30,16 @@ DEFAULTS: dict[str, Value] = {
     "data.holdout": 600,
     "data.genes": 2000,
     "data.patient_missing": 0.1,
+    "data.missing": [],  # synthesized cohort: whole modalities absent, "genomics@site-2"
     "data.val_fraction": 0.15,
     "model.fusion": "gated",
     "model.embed_dim": 32,
     "model.hidden": 64,
     "model.dropout": 0.1,
     "model.image_channels": 8,
+    # mask: an absent modality contributes nothing; zero_fill: the naive baseline that
+    # feeds zeros as if they were data (for comparisons only)
+    "model.missing": "mask",
     "train.local_epochs": 1,
     "train.batch_size": 32,
     "train.lr": 0.001,
@@ -53,7 +57,9 @@ DEFAULTS: dict[str, Value] = {
     "aggregation.modality_aware": True,
     "aggregation.rule": "fedavg",  # plaintext only: fedavg, median, trimmed_mean
     "aggregation.trim_fraction": 0.1,  # trimmed_mean: share cut from each end
-    "aggregation.max_update_norm": 0.0,  # L2 bound on a site's update; 0 = no bound
+    # L2 bound on a site's update (new − global weights); 0 = no bound. Honest updates
+    # on the default run measure 0.75-1.2 (1.0 with DP, 16-19 at 10x lr and 5 epochs).
+    "aggregation.max_update_norm": 100.0,
     # Off by default until DP utility meets the project's bar (see README, "Privacy").
     "privacy.enabled": False,
     "privacy.epsilon": 8.0,
@@ -105,6 +111,10 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "data.patient_missing": _in(0.0, 0.95),
     "data.val_fraction": _in(0.0, 0.5),
     "model.fusion": _choice(FUSIONS),
+    "model.missing": _choice(("mask", "zero_fill")),
+    "data.missing": lambda v: None if all(
+        len(x.split("@")) == 2 and x.split("@")[0] in MODALITY_NAMES[1:] for x in v)
+    else "each entry must be MODALITY@SITE with MODALITY images or genomics",
     "model.embed_dim": _in(2, 1024),
     "model.hidden": _in(2, 4096),
     "model.dropout": _in(0.0, 0.9),
@@ -170,6 +180,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _coerce(key: str, value: Any) -> Value:
     """Check one value against its default's type; ints are accepted where floats are."""
     base = _default_key(key) or key
+    if not key.isprintable() or key != key.strip():  # "...epsilon\n" would pass the regex
+        raise ConfigError(f"config key {key!r}: unexpected whitespace or control characters")
     default = DEFAULTS[base]
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -221,7 +233,7 @@ class RunConfig:
         if _default_key(key) is None:
             close = [k for k in DEFAULTS if k.split(".")[-1] == key.split(".")[-1]]
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config key '{key}'{hint}")
+            raise ConfigError(f"unknown config key {key!r}{hint}")
         self.values[key] = _coerce(key, value)
 
     def __getitem__(self, key: str) -> Any:
@@ -287,7 +299,8 @@ class RunConfig:
     def model_spec(self) -> ModelSpec:
         return ModelSpec(fusion=self["model.fusion"], embed_dim=self["model.embed_dim"],
                          hidden=self["model.hidden"], dropout=self["model.dropout"],
-                         image_channels=self["model.image_channels"])
+                         image_channels=self["model.image_channels"],
+                         missing=self["model.missing"])
 
     def train_spec(self) -> TrainSpec:
         return TrainSpec(epochs=self["train.local_epochs"], batch_size=self["train.batch_size"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from mmfed.data.reader import load_site
 from mmfed.errors import DataError, MmfedError
 from mmfed.features import FeatureSchema, LocalStats, encode, merge_stats
 from mmfed.rundir import RunDir
+from mmfed.specs import MODALITY_NAMES
+from mmfed.updates import group_weights, grouped_average
 
 log = logging.getLogger("mmfed")
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -41,6 +43,7 @@ class SiteRef:
 class FederationResult:
     rounds: int
     final: dict[str, Any]
+    patterns: dict[str, dict[str, Any]] = field(default_factory=dict)  # by modality pattern
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -200,7 +203,7 @@ class Federation:
         ok, failed = exchange(self.grid, dict.fromkeys(nodes, request), messages.TRAIN,
                               round_num, self.timeout)
         sites: dict[str, dict[str, Any]] = {}
-        updates: list[tuple[dict[str, np.ndarray], float]] = []
+        updates: list[tuple[dict[str, np.ndarray], dict[str, int]]] = []
         bytes_up = 0
         for node, reason in failed.items():
             name = self.sites[node].name
@@ -223,7 +226,9 @@ class Federation:
                 sites[name] = {"status": "dropped", "reason": f"rejected: {reason}"}
                 continue
             bytes_up += messages.state_bytes(update)
-            updates.append((update, float(metrics["num_examples"])))
+            counts = {m: int(metrics.get(f"count_{m}", 0)) for m in MODALITY_NAMES}
+            updates.append((update, group_weights(int(metrics["num_examples"]), counts,
+                                                  self.cfg["aggregation.modality_aware"])))
             sites[name] = trained_entry(metrics)
         train_seconds = time.perf_counter() - start
         if len(updates) < self.cfg["federation.min_sites"]:
@@ -231,7 +236,7 @@ class Federation:
                         round_num, len(updates), self.cfg["federation.min_sites"])
             new_state = state
         else:
-            new_state = weighted_average(updates)
+            new_state = grouped_average(updates, state)
         return new_state, round_info(sites, len(updates), bytes_up,
                                      messages.state_bytes(state) * len(nodes), train_seconds)
 
@@ -260,8 +265,10 @@ class Federation:
     def run_rounds(self) -> FederationResult:
         import torch
 
+        from mmfed.metrics import classification_metrics
         from mmfed.model import build_model
-        from mmfed.training import evaluate
+        from mmfed.patterns import metrics_by_pattern
+        from mmfed.training import predict
 
         schema, state = self.setup()
         holdout = self._holdout(schema)
@@ -269,6 +276,7 @@ class Federation:
         modalities = tuple(self.cfg["train.modalities"])
         rounds = self.cfg["rounds"]
         final: dict[str, Any] = {}
+        patterns: dict[str, dict[str, Any]] = {}
         for round_num in range(1, rounds + 1):
             t0 = time.perf_counter()
             if not self.cfg["secagg.enabled"]:
@@ -285,7 +293,9 @@ class Federation:
                 state, info = self.train_round(round_num, schema, state)
             t_eval = time.perf_counter()
             model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-            final = evaluate(model, holdout, modalities)
+            probs, loss = predict(model, holdout, modalities)
+            final = classification_metrics(probs, holdout.labels, loss)
+            patterns = metrics_by_pattern(probs, holdout.labels, holdout.mask, modalities)
             eval_seconds = time.perf_counter() - t_eval
             sites = info["sites"]
             if self.cfg["federation.local_eval"]:
@@ -293,6 +303,7 @@ class Federation:
             self.run.save_checkpoint(round_num, state, schema, self.cfg)
             line: dict[str, Any] = {"round": round_num,
                     "global": {k: v for k, v in final.items() if k != "n"},
+                    "patterns": patterns,
                     "sites": sites,
                     "aggregation": {"participants": info["participants"],
                                     "dropped": info["dropped"],
@@ -317,7 +328,7 @@ class Federation:
                 self.on_round(line)
         self.run.save_model(state, schema, self.cfg, rounds)
         return FederationResult(rounds=rounds, final={k: v for k, v in final.items()
-                                                      if k != "n"})
+                                                      if k != "n"}, patterns=patterns)
 
     def site_summary(self) -> dict[str, dict[str, Any]]:
         out = {}

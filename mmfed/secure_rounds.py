@@ -22,7 +22,7 @@ from mmfed.errors import MmfedError
 from mmfed.features import FeatureSchema
 from mmfed.secagg import SecAggAborted, SecAggError, SecAggParams, SecAggServer
 from mmfed.site_secagg import blobs, ints
-from mmfed.updates import apply_delta, vector_length
+from mmfed.updates import apply_delta, segment_layout, vector_length
 
 log = logging.getLogger("mmfed")
 
@@ -33,7 +33,8 @@ def default_threshold(group: int) -> int:
     return max(2, group // 2 + 1)
 
 
-def secagg_params(cfg: RunConfig, round_num: int, n_sites: int, d: int) -> SecAggParams:
+def secagg_params(cfg: RunConfig, round_num: int, n_sites: int, d: int,
+                  segments: tuple[int, ...] = ()) -> SecAggParams:
     neighbours = int(cfg["secagg.neighbours"]) or None
     if neighbours is not None and neighbours >= n_sites - 1:
         neighbours = None
@@ -43,7 +44,7 @@ def secagg_params(cfg: RunConfig, round_num: int, n_sites: int, d: int) -> SecAg
                         site_ids=list(range(n_sites)), threshold=threshold,
                         neighbours=neighbours, clip_range=float(cfg["secagg.clip_range"]),
                         max_sites=max(n_sites, 2), count_cap=int(cfg["secagg.count_cap"]),
-                        vector_length=d)
+                        vector_length=d, segments=segments)
 
 
 @dataclass
@@ -91,7 +92,10 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
     if len(nodes) < 2:
         raise MmfedError("secure aggregation needs at least 2 sites in a round")
     d = vector_length(state)
-    params = secagg_params(cfg, round_num, len(nodes), d)
+    # Modality-aware: one weight per module, so each encoder is averaged over the
+    # patients who had its modality; the counts travel only inside the masked sum.
+    layout = segment_layout(state) if cfg["aggregation.modality_aware"] else []
+    params = secagg_params(cfg, round_num, len(nodes), d, tuple(n for _, n in layout))
     params.validate()
     sid_of = {node: i for i, node in enumerate(nodes)}
     node_of = dict(enumerate(nodes))
@@ -122,7 +126,8 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
             "my_id": sid_of[node], "threshold": params.threshold,
             "neighbours": params.neighbours or 0, "clip_range": params.clip_range,
             "max_sites": params.max_sites, "count_cap": params.count_cap,
-            "vector_length": d})
+            "vector_length": d, "segments": list(params.segments),
+            "segment_groups": [g for g, _ in layout]})
         contents[node] = content
         log_.bytes_down += _record_bytes(content)
     ok, failed = exchange(fed.grid, contents, messages.TRAIN, round_num, fed.timeout)
@@ -194,7 +199,7 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
         masked: dict[int, np.ndarray] = {}
         for node, reply in ok.items():
             vec = reply.content.array_records["masked"]["y"].numpy()
-            if vec.dtype != np.uint32 or vec.shape != (d + 1,):
+            if vec.dtype != np.uint32 or vec.shape != (d + params.n_weights,):
                 fail(sid_of[node], "mask", f"masked vector of {vec.dtype} {vec.shape}")
                 continue
             masked[sid_of[node]] = vec
@@ -231,7 +236,7 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
         return state, summary(0, str(exc))
     for sid in dropped:
         fail(sid, "mask", "did not send its masked update")
-    delta = mean.astype(np.float64)
+    delta = mean.astype(np.float64)  # a segment nobody trained decodes to 0: kept as is
     norm = float(np.linalg.norm(delta))
     if not np.all(np.isfinite(delta)) or norm > params.clip_range * np.sqrt(d):
         log.warning("round %d: aggregate rejected (norm %.3g); keeping the previous model",

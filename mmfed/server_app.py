@@ -33,6 +33,7 @@ def run_and_record(grid: Grid, cfg: RunConfig, run: RunDir,
     finally:
         tensorboard.close()
     run.write_summary({"rounds": result.rounds, "final": result.final,
+                       "final_patterns": result.patterns,
                        "sites": fed.site_summary(),
                        "wall_seconds": round(time.perf_counter() - started, 2),
                        "mode": "federated"})

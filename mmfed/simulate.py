@@ -67,7 +67,7 @@ def prepare_run(cfg: RunConfig, out: Path, *, fresh: bool = True) -> tuple[RunCo
     out = out.resolve()
     run = RunDir(out, fresh=fresh)
     if not cfg["data.dir"]:
-        from mmfed.data.synth import SynthSettings, synthesize
+        from mmfed.data.synth import SynthSettings, parse_missing, synthesize
 
         data = out / "data"
         if not (data / "cohort.json").exists():
@@ -75,7 +75,8 @@ def prepare_run(cfg: RunConfig, out: Path, *, fresh: bool = True) -> tuple[RunCo
             synthesize(data, SynthSettings(
                 sites=cfg["data.sites"], patients_per_site=cfg["data.patients_per_site"],
                 holdout=cfg["data.holdout"], seed=cfg["seed"], genes=cfg["data.genes"],
-                patient_missing={"images": p, "genomics": p}))
+                patient_missing={"images": p, "genomics": p},
+                site_missing=parse_missing(list(cfg["data.missing"]), cfg["data.sites"])))
         cfg.set("data.dir", str(data))
     else:
         cfg.set("data.dir", str(Path(cfg["data.dir"]).resolve()))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,18 @@ def site_seed(seed: int, round_num: int, site: str) -> int:
 class TrainOutcome:
     state: dict[str, np.ndarray] | None  # None when the site declined the round
     metrics: dict[str, float]
+    # training patients who had each modality: the weights of modality-aware
+    # aggregation (sent in the clear only without secure aggregation)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def modality_counts(enc: EncodedSite, modalities: tuple[str, ...]) -> dict[str, int]:
+    """How many patients each encoder actually learned from at this site."""
+    from mmfed.specs import MODALITY_NAMES
+
+    present = (enc.mask > 0.5).sum(axis=0)
+    return {m: int(present[i]) if m in modalities else 0
+            for i, m in enumerate(MODALITY_NAMES)}
 
 
 def site_policy(node_config: dict[str, Any], cfg: RunConfig, site: str) -> PrivacyPolicy:
@@ -147,7 +159,7 @@ def train_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
                    "num_examples": float(len(train)), "epsilon": entry.epsilon}
     metrics["seconds"] = time.perf_counter() - start
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    return TrainOutcome(state, metrics)
+    return TrainOutcome(state, metrics, modality_counts(train, spec.modalities))
 
 
 def evaluate_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,

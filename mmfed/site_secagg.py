@@ -41,14 +41,58 @@ def params_from(record: dict[str, Any]) -> tuple[SecAggParams, int]:
                           clip_range=float(record["clip_range"]),
                           max_sites=int(record["max_sites"]),
                           count_cap=int(record["count_cap"]),
-                          vector_length=int(record["vector_length"]))
+                          vector_length=int(record["vector_length"]),
+                          segments=tuple(int(n) for n in record.get("segments", [])))
     return params, int(record["my_id"])
+
+
+def segment_weights(record: dict[str, Any], num_examples: int,
+                    group_weights: dict[str, int] | None) -> list[int]:
+    """This site's count for each segment the server laid out (by weight group name)."""
+    groups = [str(g) for g in record.get("segment_groups", [])]
+    if not groups:
+        return [int(num_examples)]
+    weights = group_weights or {}
+    unknown = [g for g in groups if g not in weights and g != "examples"]
+    if unknown:
+        raise MmfedError(f"secure aggregation asked for unknown weight groups {unknown}")
+    return [int(weights.get(g, num_examples)) for g in groups]
 
 
 def check_fault(faults: list[str], site: str, round_num: int, stage: str) -> None:
     """Fault injection for tests and drills: ``site:round:stage`` makes this site fail."""
     if f"{site}:{round_num}:{stage}" in faults:
         raise MmfedError(f"{site}: injected failure at round {round_num}, stage {stage}")
+
+
+def guard(record: dict[str, Any], update: np.ndarray, max_norm: float) -> np.ndarray:
+    """The site's own check of its update before masking; returns it clipped.
+
+    Once masked, an update cannot be inspected by anyone, so an honest site checks
+    itself: the vector length the server laid out, finite values, and the L2 bound
+    ``aggregation.max_update_norm`` (0 = none). A failure refuses the round with a
+    one-line reason instead of sending a masked vector. Every coordinate is then
+    clipped to ``clip_range``, which the fixed-point encoding would do anyway; doing
+    it here makes the bound on what this site can contribute explicit. A malicious
+    site would simply skip this guard, which is why the server also checks the
+    unmasked aggregate (finite, norm within bound) and keeps the previous model if
+    it fails.
+    """
+    expected = int(record["vector_length"])
+    vec = np.asarray(update)
+    if vec.ndim != 1 or vec.size != expected:
+        raise MmfedError(f"update guard: the update has {vec.size} values, the model "
+                         f"{expected}; not masking it")
+    bad = int(vec.size - np.count_nonzero(np.isfinite(vec)))
+    if bad:
+        raise MmfedError(f"update guard: {bad} NaN or infinite value(s) in the update; "
+                         "not masking it")
+    norm = float(np.linalg.norm(vec.astype(np.float64)))
+    if max_norm > 0 and norm > max_norm:
+        raise MmfedError(f"update guard: update norm {norm:.4g} exceeds the bound "
+                         f"{max_norm:g} (aggregation.max_update_norm); not masking it")
+    clip = float(record["clip_range"])
+    return np.clip(vec, -clip, clip).astype(np.float32)
 
 
 def _save(state: RecordDict, client: SecAggClient, extra: dict[str, Any] | None = None) -> None:
@@ -74,13 +118,18 @@ def _load(state: RecordDict, params_round: int | None = None) -> tuple[SecAggCli
 
 
 def begin(state: RecordDict, record: dict[str, Any], update: np.ndarray,
-          num_examples: int) -> ConfigRecord:
-    """After training: create this round's client, keep secrets, advertise public keys."""
+          num_examples: int, group_weights: dict[str, int] | None = None) -> ConfigRecord:
+    """After training: create this round's client, keep secrets, advertise public keys.
+
+    ``group_weights`` (patients per modality, examples for the rest) stay in the
+    site's state and only ever leave inside the masked vector.
+    """
     params, my_id = params_from(record)
+    counts = segment_weights(record, num_examples, group_weights)
     client = SecAggClient(params, my_id)
     pks = client.advertise()
     state[UPDATE] = ArrayRecord({"u": Array(np.ascontiguousarray(update, dtype=np.float32))})
-    _save(state, client, {"num_examples": int(num_examples)})
+    _save(state, client, {"num_examples": int(num_examples), "counts": counts})
     return ConfigRecord({"c_pk": pks["c_pk"], "s_pk": pks["s_pk"]})
 
 
@@ -98,7 +147,8 @@ def mask(state: RecordDict, request: ConfigRecord, round_num: int) -> ArrayRecor
     client, record = _load(state, round_num)
     cts = dict(zip(ints(request["from"]), blobs(request["ct"]), strict=True))
     update = state.array_records[UPDATE]["u"].numpy()
-    masked = client.masked_input(cts, update, int(record["num_examples"]))
+    counts = ints(record.get("counts", [record["num_examples"]]))
+    masked = client.masked_input(cts, update, counts if client.params.segments else counts[0])
     del state[UPDATE]  # the plaintext update is no longer needed
     _save(state, client)
     return ArrayRecord({"y": Array(masked)})

@@ -25,6 +25,7 @@ class ModelSpec:
     cat_embed_dim: int = 4
     genomics_hidden: int = 16  # narrow and heavily dropped out: 2,000 genes, few patients
     genomics_dropout: float = 0.5
+    missing: str = "mask"  # or "zero_fill": absent modalities fed as zeros (baseline only)
 
 
 @dataclass(frozen=True)

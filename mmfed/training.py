@@ -49,16 +49,33 @@ def make_loss(labels: np.ndarray, n_classes: int, spec: TrainSpec) -> nn.CrossEn
     return nn.CrossEntropyLoss(weight=class_weights(labels, n_classes, spec.class_weighting))
 
 
+def drop_modalities(mask: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
+    """Hide each present modality of each patient with probability ``rate``.
+
+    Teaches the fusion to cope with patients who lack a modality at other sites or at
+    inference. A patient never loses everything: if every present modality was drawn,
+    the original mask is kept for that patient. Per-patient and independent of other
+    patients, so it is compatible with per-sample DP.
+    """
+    if rate <= 0.0 or mask.numel() == 0:
+        return mask
+    keep = (torch.rand(mask.shape, generator=gen) >= rate).to(mask.dtype).to(mask.device)
+    dropped = mask * keep
+    empty = dropped.sum(dim=1, keepdim=True) == 0
+    return torch.where(empty, mask, dropped)
+
+
 def train_epochs(model: nn.Module, loader: DataLoader[Any], optimizer: torch.optim.Optimizer,
-                 loss_fn: nn.Module, epochs: int, device: torch.device
-                 ) -> tuple[float, int, int]:
+                 loss_fn: nn.Module, epochs: int, device: torch.device,
+                 modality_dropout: float = 0.0, seed: int = 0) -> tuple[float, int, int]:
     """The training loop shared by plain and DP training.
 
     Returns (mean loss over non-empty batches, optimizer steps, batches drawn). Under
     Poisson sampling a drawn batch can be empty: it is skipped but still drawn, and DP
-    accounting counts draws.
+    accounting counts draws. The mask is the last input (see ``tensor_dataset``).
     """
     model.train()
+    gen = torch.Generator().manual_seed(seed)
     total, steps, draws = 0.0, 0, 0
     for _ in range(epochs):
         for batch in loader:
@@ -66,6 +83,7 @@ def train_epochs(model: nn.Module, loader: DataLoader[Any], optimizer: torch.opt
             *inputs, y = (t.to(device) for t in batch)
             if y.numel() == 0:
                 continue
+            inputs[-1] = drop_modalities(inputs[-1], modality_dropout, gen)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(*inputs), y)
             loss.backward()
@@ -91,7 +109,7 @@ def train_local(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes: 
     loss_fn = make_loss(enc.labels, n_classes, spec).to(device)
     torch.manual_seed(seed)  # dropout masks
     loss, steps, _ = train_epochs(model, loader, make_optimizer(model, spec), loss_fn,
-                                  spec.epochs, device)
+                                  spec.epochs, device, spec.modality_dropout, seed)
     return {"train_loss": loss, "steps": float(steps), "num_examples": float(len(enc))}
 
 

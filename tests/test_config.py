@@ -46,7 +46,8 @@ def non_default() -> RunConfig:
         "faults.drop": ["site-1:2:mask"], "faults.corrupt": ["site-2:1:nan"],
         "train.modality_dropout": 0.3, "train.device": "cuda:1",
         "aggregation.modality_aware": False, "aggregation.rule": "median",
-        "aggregation.trim_fraction": 0.2, "aggregation.max_update_norm": 50.0,
+        "aggregation.trim_fraction": 0.2, "model.missing": "zero_fill",
+        "data.missing": ["genomics@site-2"], "aggregation.max_update_norm": 50.0,
     })
     assert all(cfg[k] != v for k, v in DEFAULTS.items()), "helper must change every key"
     return cfg

@@ -92,7 +92,8 @@ def train_private(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes
         mode = "hooks"
         pmodel, popt, pcrit, ploader = _private(model, loader, loss_fn, spec, sigma,
                                                 max_grad_norm, mode, seed)
-    loss, _, draws = train_epochs(pmodel, ploader, popt, pcrit, spec.epochs, device)
+    loss, _, draws = train_epochs(pmodel, ploader, popt, pcrit, spec.epochs, device,
+                                  spec.modality_dropout, seed)
     close = getattr(pmodel, "_close", None)
     if callable(close):
         close()  # remove Opacus hooks from the caller's model

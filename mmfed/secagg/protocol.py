@@ -37,7 +37,7 @@ import hashlib
 import math
 import numbers
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -53,8 +53,10 @@ from mmfed.secagg.quantize import (
     U32Array,
     levels,
     pack,
+    pack_segments,
     site_weight,
     unpack_mean,
+    unpack_segments,
 )
 
 _B_TAG = b"\x01"  # reveal of a survivor's self-mask seed share
@@ -76,6 +78,13 @@ class SecAggParams:
     max_sites: int
     count_cap: int
     vector_length: int
+    # Lengths of contiguous parts of the update, each with its own weight (e.g. each
+    # encoder weighted by the patients who had its modality); empty = one weight.
+    segments: tuple[int, ...] = ()
+
+    @property
+    def n_weights(self) -> int:
+        return len(self.segments) or 1
 
     def validate(self) -> None:
         """Raise a one-line SecAggError for any parameter the protocol cannot run with."""
@@ -127,6 +136,14 @@ class SecAggParams:
         if not _is_int(self.vector_length) or self.vector_length < 1:
             raise SecAggError(
                 f"vector_length must be a positive integer, got {self.vector_length!r}"
+            )
+        if self.segments and (
+            not all(_is_int(n) and n >= 1 for n in self.segments)
+            or sum(self.segments) != self.vector_length
+        ):
+            raise SecAggError(
+                f"segments must be positive integers summing to vector_length "
+                f"{self.vector_length}, got {list(self.segments)!r}"
             )
 
 
@@ -304,7 +321,7 @@ class SecAggClient:
         self,
         ciphertexts_for_me: Mapping[int, bytes],
         update: np.ndarray,
-        num_examples: int,
+        num_examples: int | Sequence[int],
     ) -> U32Array:
         """Stage 3: encode(pack(update)) + PRG(b_i) ± PRG(s_ij) for neighbours that shared."""
         self._require_stage("shared", "masked_input")
@@ -314,7 +331,7 @@ class SecAggClient:
             raise SecAggError(
                 f"update must be a 1-D vector of length {p.vector_length}, got shape {vec.shape}"
             )
-        packed = pack(vec, site_weight(num_examples, p.count_cap), p.clip_range, p.max_sites)
+        packed = self._pack(vec, num_examples)
         received: dict[int, tuple[shamir.Share, shamir.Share]] = {}
         for sender, ct in ciphertexts_for_me.items():
             if sender not in self._channel:
@@ -337,7 +354,7 @@ class SecAggClient:
                 f"threshold is {p.threshold}"
             )
         b, s_sk, _ = self._secrets()
-        length = p.vector_length + 1
+        length = p.vector_length + p.n_weights
         masked = packed.copy()
         masked += expand(b, length, "self-mask")
         for j in sorted(received):
@@ -354,6 +371,24 @@ class SecAggClient:
         self._c_sk = None
         self._channel = {}
         return masked
+
+    def _pack(self, vec: np.ndarray, num_examples: int | Sequence[int]) -> U32Array:
+        """Weighted codes: one weight per segment when the round has segments."""
+        p = self.params
+        if not p.segments:
+            if not isinstance(num_examples, int):
+                raise SecAggError("this round has one weight: give one example count")
+            return pack(vec, site_weight(num_examples, p.count_cap), p.clip_range,
+                        p.max_sites)
+        counts = [num_examples] if isinstance(num_examples, int) else list(num_examples)
+        if len(counts) != len(p.segments):
+            raise SecAggError(f"{len(counts)} counts for {len(p.segments)} segments")
+        for count in counts:
+            if not _is_int(count) or not 0 <= count <= p.count_cap:
+                raise SecAggError(f"segment count must be an integer in 0..{p.count_cap}, "
+                                  f"got {count!r}")
+        return pack_segments(vec, [c / p.count_cap for c in counts], list(p.segments),
+                             p.clip_range, p.max_sites)
 
     def unmask(self, survivors: Iterable[int], dropped: Iterable[int]) -> dict[int, bytes]:
         """Stage 4: for each share-group member, its b-share if it survived, else its
@@ -424,7 +459,8 @@ def client_to_state(client: SecAggClient) -> bytes:
         "params": {"run_id": p.run_id, "round": p.round, "site_ids": list(p.site_ids),
                    "threshold": p.threshold, "neighbours": p.neighbours,
                    "clip_range": p.clip_range, "max_sites": p.max_sites,
-                   "count_cap": p.count_cap, "vector_length": p.vector_length},
+                   "count_cap": p.count_cap, "vector_length": p.vector_length,
+                   "segments": list(p.segments)},
         "my_id": client.my_id, "stage": client._stage, "c_sk": sk(client._c_sk),
         "s_sk": sk(client._s_sk), "c_pk": client._c_pk.hex(), "s_pk": client._s_pk.hex(),
         "b": _hex(client._b),
@@ -442,7 +478,9 @@ def client_from_state(data: bytes) -> SecAggClient:
 
     try:
         blob = json.loads(data)
-        params = SecAggParams(**blob["params"])
+        raw = dict(blob["params"])
+        raw["segments"] = tuple(int(n) for n in raw.get("segments", ()))
+        params = SecAggParams(**raw)
         client = SecAggClient.__new__(SecAggClient)
         params.validate()
         client.params = params
@@ -501,6 +539,8 @@ class SecAggServer:
         self._shared: set[int] | None = None  # U2: sites whose shares were routed
         self._request: tuple[list[int], list[int]] | None = None
         self._done = False
+        # Σ w per segment after ``aggregate`` (0 = nobody contributed to that segment)
+        self.segment_weights: list[float] = []
 
     def _abort_if_few(self, count: int, what: str) -> None:
         if count < self.params.threshold:
@@ -599,7 +639,7 @@ class SecAggServer:
             raise SecAggError(f"sites {stray} revealed shares without being survivors")
         b_shares, s_shares = self._collect_reveals(reveals, set(survivors), set(dropped))
 
-        length = p.vector_length + 1
+        length = p.vector_length + p.n_weights
         total = np.zeros(length, dtype=np.uint32)
         for sid in survivors:
             total += _masked_vector(masked[sid], length, sid)
@@ -624,7 +664,13 @@ class SecAggServer:
                 else:
                     total += mask
         self._done = True
+        if p.segments:
+            mean, weights = unpack_segments(total, len(survivors), list(p.segments),
+                                            p.clip_range, p.max_sites)
+            self.segment_weights = [float(w) for w in weights]
+            return mean, float(weights.max()), list(survivors)
         mean, total_weight = unpack_mean(total, len(survivors), p.clip_range, p.max_sites)
+        self.segment_weights = [total_weight]
         return mean, total_weight, list(survivors)
 
     def _collect_reveals(

@@ -106,6 +106,67 @@ def pack(update: ArrayLike, weight: float, clip_range: float, max_sites: int) ->
     return np.concatenate([body, np.array([weight_code], dtype=np.uint32)])
 
 
+def pack_segments(update: ArrayLike, weights: list[float], segments: list[int],
+                  clip_range: float, max_sites: int) -> U32Array:
+    """Like :func:`pack`, with one weight per contiguous segment of the update.
+
+    Lets each part of a model be averaged with its own weights (an encoder over the
+    patients who had its modality) inside one masked sum. A weight may be 0: that
+    segment then adds nothing, and its weight code is 0.
+    """
+    x = _finite_vector(update)
+    _check_segments(segments, x.size, len(weights))
+    top = levels(max_sites)
+    parts, offset, codes = [], 0, []
+    for weight, size in zip(weights, segments, strict=True):
+        if not _is_real(weight) or not 0.0 <= float(weight) <= 1.0:
+            raise SecAggError(f"segment weight must be in [0, 1], got {weight!r}")
+        value = np.clip(x[offset:offset + size], -clip_range, clip_range) * float(weight)
+        part = np.rint((value + clip_range) * (top / (2.0 * clip_range)))
+        np.clip(part, 0, top, out=part)
+        parts.append(part.astype(np.uint32))
+        codes.append(round(float(weight) * top))
+        offset += size
+    if not any(codes):
+        raise SecAggError("every segment weight is zero: this site has nothing to add")
+    return np.concatenate([*parts, np.array(codes, dtype=np.uint32)])
+
+
+def unpack_segments(sum_u32: ArrayLike, n_contributors: int, segments: list[int],
+                    clip_range: float, max_sites: int) -> tuple[F64Array, F64Array]:
+    """(per-segment weighted means, Σ w per segment) from a sum of :func:`pack_segments`.
+
+    A segment whose total weight is zero (nobody had that modality) decodes to zeros:
+    the caller keeps the previous values for it.
+    """
+    total = _u32_vector(sum_u32, "sum")
+    k = len(segments)
+    _check_segments(segments, total.size - k, k)
+    top = levels(max_sites)
+    n = _check_contributors(n_contributors, max_sites)
+    weight_codes = total[-k:].astype(np.int64)
+    if (weight_codes > n * top).any():
+        raise SecAggError("aggregate weight code out of range: the masks did not cancel")
+    weighted_sum = decode_sum(total[:-k], n, clip_range, max_sites)
+    means = np.zeros_like(weighted_sum)
+    offset = 0
+    for code, size in zip(weight_codes, segments, strict=True):
+        if code > 0:
+            means[offset:offset + size] = weighted_sum[offset:offset + size] / (code / top)
+        offset += size
+    return means, weight_codes.astype(np.float64) / top
+
+
+def _check_segments(segments: list[int], length: int, n_weights: int) -> None:
+    if not segments or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
+                           for s in segments):
+        raise SecAggError(f"segments must be positive integers, got {segments!r}")
+    if sum(segments) != length:
+        raise SecAggError(f"segments cover {sum(segments)} values, the update has {length}")
+    if n_weights != len(segments):
+        raise SecAggError(f"{n_weights} weights for {len(segments)} segments")
+
+
 def unpack_mean(
     sum_u32: ArrayLike, n_contributors: int, clip_range: float, max_sites: int
 ) -> tuple[F64Array, float]:
