@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from mmfed.errors import MmfedError, UsageError
 
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(warns every round)")
     sim.add_argument("--no-dp", action="store_true", help="train WITHOUT differential "
                      "privacy (warns every round)")
+    sim.add_argument("--resume", type=Path, metavar="RUN", help="continue a crashed run "
+                     "from its last complete round (with its own config.toml)")
 
     priv = sub.add_parser("privacy", help="inspect a site's privacy ledger")
     priv_sub = priv.add_subparsers(dest="privacy_command", metavar="ACTION",
@@ -110,7 +113,82 @@ def build_parser() -> argparse.ArgumentParser:
     cen = sub.add_parser("centralized", help="train the same model on all sites' data pooled "
                          "(the non-federated reference)")
     _add_run_args(cen)
+    _add_deploy_parsers(sub)
     return parser
+
+
+def _add_deploy_parsers(sub: Any) -> None:
+    """certs init, keys new, server, client: deployment as real processes (mmfed.deploy)."""
+    certs = sub.add_parser("certs", help="create the federation's TLS credentials")
+    certs_sub = certs.add_subparsers(dest="certs_command", metavar="ACTION",
+                                     parser_class=_Parser)
+    init = certs_sub.add_parser("init", help="create a CA (ca.pem, ca.key) and the server's "
+                                "certificate (server.pem, server.key) for the given names")
+    init.add_argument("--out", type=Path, required=True, help="folder to write")
+    init.add_argument("--host", action="append", default=[], metavar="NAME",
+                      help="DNS name or IP address sites use to reach the server "
+                      "(repeatable; localhost, 127.0.0.1 and ::1 are always added)")
+    init.add_argument("--days", type=int, default=825, help="server certificate lifetime")
+    init.add_argument("--force", action="store_true", help="replace existing files")
+
+    keys = sub.add_parser("keys", help="create a site's SuperNode authentication keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=_Parser)
+    new = keys_sub.add_parser("new", help="write OUT/SITE.key (private, mode 0600) and "
+                              "OUT/SITE.pub (give it to the server operator)")
+    new.add_argument("--site", required=True, help="site name, e.g. site-1")
+    new.add_argument("--out", type=Path, required=True, help="folder to write")
+    new.add_argument("--force", action="store_true", help="replace existing files")
+
+    srv = sub.add_parser("server", help="run one federated round series as the coordinating "
+                         "server: a TLS SuperLink that admits only the given site keys")
+    srv.add_argument("--config", type=Path, help="run configuration (TOML)")
+    srv.add_argument("--data", type=Path, help="folder holding holdout/, the server's "
+                     "evaluation set (or data.dir in the config)")
+    srv.add_argument("--certs", type=Path, help="folder from `mmfed certs init` (ca.pem, "
+                     "server.pem, server.key)")
+    srv.add_argument("--admit", type=Path, action="append", default=[], metavar="PUB",
+                     help="a site's public key (SITE.pub from `mmfed keys new`) or a folder "
+                     "of them; the site name is the file name (repeatable)")
+    srv.add_argument("--sites", type=int, help="sites to wait for before starting "
+                     "(default: one per admitted key)")
+    srv.add_argument("--host", default="0.0.0.0", help="address to listen on (default "
+                     "0.0.0.0, all interfaces)")
+    srv.add_argument("--port", type=int, default=9092, help="the public Fleet port sites "
+                     "connect to (default 9092)")
+    srv.add_argument("--out", type=Path, help="run directory to write (default: "
+                     "runs/server-<time>)")
+    srv.add_argument("--rounds", type=int, help="federated rounds")
+    srv.add_argument("--seed", type=int, help="seed for model init and sampling")
+    srv.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override one config key (repeatable)")
+    srv.add_argument("--insecure", action="store_true", help="plain-text transport and no "
+                     "site authentication (test networks only; warns)")
+    srv.add_argument("--no-progress", action="store_true", help="plain log lines instead "
+                     "of the live display")
+
+    cli = sub.add_parser("client", help="run a hospital's SuperNode: checks the site folder, "
+                         "then trains when the server asks, under the site's privacy policy")
+    cli.add_argument("--data", type=Path, required=True, help="the site folder")
+    cli.add_argument("--site", help="expected site name (must match the folder's site.toml)")
+    cli.add_argument("--server", required=True, metavar="HOST:PORT",
+                     help="the server's Fleet address, e.g. fl.example.org:9092")
+    cli.add_argument("--ca", type=Path, help="the federation's CA certificate (ca.pem)")
+    cli.add_argument("--key", type=Path, help="this site's private key (SITE.key, mode 0600)")
+    cli.add_argument("--policy", type=Path, help="this site's privacy policy (TOML); "
+                     "default: DP on, epsilon 8, delta 1e-5")
+    cli.add_argument("--ledger-dir", type=Path, help="privacy ledger folder (default "
+                     "~/.mmfed/privacy-ledger)")
+    cli.add_argument("--runtime-port", type=int, help="loopback port for the SuperNode's "
+                     "app runtime (default: a free one)")
+    cli.add_argument("--wait-admission", type=float, default=30.0, metavar="SECONDS",
+                     help="keep retrying this long if the server does not know this site's "
+                     "key yet (default 30)")
+    cli.add_argument("--wait-server", type=float, default=0.0, metavar="SECONDS",
+                     help="give up if the server is unreachable this long (default 0: "
+                     "keep trying)")
+    cli.add_argument("--insecure", action="store_true", help="plain-text transport, no "
+                     "authentication (test networks only; warns)")
+    cli.add_argument("--verbose", action="store_true", help="show the SuperNode's log")
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -185,6 +263,41 @@ def _cmd_centralized(args: argparse.Namespace) -> int:
     return centralized_from_args(args)
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    if args.certs_command != "init":
+        raise UsageError("mmfed certs: choose an action: init (see mmfed certs --help)")
+    from mmfed.deploy.credentials import init_certs
+
+    made = init_certs(args.out, args.host, days=args.days, force=args.force)
+    print(f"wrote {made.ca_cert} (give to every site), {made.server_cert} and "
+          f"{made.server_key} (server only), {made.ca_key} (keep offline; mode 0600); valid "
+          f"for {', '.join(made.names)}")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    if args.keys_command != "new":
+        raise UsageError("mmfed keys: choose an action: new (see mmfed keys --help)")
+    from mmfed.deploy.credentials import new_site_keys
+
+    made = new_site_keys(args.site, args.out, force=args.force)
+    print(f"wrote {made.private} (stays at the site; mode 0600) and {made.public} (give to "
+          f"the server operator); fingerprint {made.fingerprint}")
+    return 0
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from mmfed.deploy.server import server_from_args
+
+    return server_from_args(args)
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from mmfed.deploy.client import client_from_args
+
+    return client_from_args(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "data": _cmd_data,
     "simulate": _cmd_simulate,
@@ -192,6 +305,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "privacy": _cmd_privacy,
     "report": _cmd_report,
     "explain": _cmd_explain,
+    "certs": _cmd_certs,
+    "keys": _cmd_keys,
+    "server": _cmd_server,
+    "client": _cmd_client,
 }
 
 

@@ -23,6 +23,7 @@ from mmfed.config import RunConfig
 from mmfed.data.reader import load_site
 from mmfed.errors import DataError, MmfedError
 from mmfed.features import FeatureSchema, LocalStats, encode, merge_stats
+from mmfed.resume import ResumePoint
 from mmfed.rundir import RunDir
 from mmfed.specs import MODALITY_NAMES
 from mmfed.updates import group_weights, grouped_average
@@ -159,6 +160,14 @@ class Federation:
         self.timeout = float(cfg["federation.round_timeout"])
         self.sites: dict[int, SiteRef] = {}
         self.site_totals: dict[str, dict[str, Any]] = {}
+        self.resume_point: ResumePoint | None = None
+        self.ignored: set[int] = set()  # nodes that are not sites of this federation
+        self.deadline = time.monotonic() + self.timeout
+
+    def remaining(self) -> float:
+        """Seconds left of this round's timeout: every stage of a round shares one
+        deadline, so a dead or slow site never holds a round past it."""
+        return max(1.0, self.deadline - time.monotonic())
 
     def setup(self) -> tuple[FeatureSchema, dict[str, np.ndarray]]:
         """Learn the federation's feature schema and build the initial global model."""
@@ -201,7 +210,7 @@ class Federation:
         nodes = self.sample(round_num)
         start = time.perf_counter()
         ok, failed = exchange(self.grid, dict.fromkeys(nodes, request), messages.TRAIN,
-                              round_num, self.timeout)
+                              round_num, self.remaining())
         sites: dict[str, dict[str, Any]] = {}
         updates: list[tuple[dict[str, np.ndarray], dict[str, int]]] = []
         bytes_up = 0
@@ -271,14 +280,27 @@ class Federation:
         from mmfed.training import predict
 
         schema, state = self.setup()
+        first = 1
+        point = self.resume_point
+        if point is not None:  # the checkpoint's schema and weights are authoritative
+            if point.schema.to_config() != schema.to_config():
+                log.warning("the sites' feature statistics differ from the checkpoint's; "
+                            "continuing with the checkpoint's feature schema")
+            schema, state, first = point.schema, point.state, point.round + 1
+            for done in point.lines:
+                self._count(done["sites"])
+            log.info("resuming after round %d of %d", point.round, self.cfg["rounds"])
         holdout = self._holdout(schema)
         model = build_model(schema, self.cfg.model_spec())
         modalities = tuple(self.cfg["train.modalities"])
         rounds = self.cfg["rounds"]
-        final: dict[str, Any] = {}
-        patterns: dict[str, dict[str, Any]] = {}
-        for round_num in range(1, rounds + 1):
+        final: dict[str, Any] = dict(point.lines[-1]["global"]) if point and point.lines else {}
+        patterns: dict[str, dict[str, Any]] = (
+            dict(point.lines[-1].get("patterns", {})) if point and point.lines else {})
+        for round_num in range(first, rounds + 1):
             t0 = time.perf_counter()
+            self.deadline = time.monotonic() + self.timeout
+            self.admit_new_nodes(round_num)
             if not self.cfg["secagg.enabled"]:
                 log.warning("round %d: secure aggregation is OFF (--no-secagg): the server "
                             "sees each site's update", round_num)
@@ -318,17 +340,50 @@ class Federation:
                                 **{f"secagg_{k}": v for k, v in
                                    info.get("stage_seconds", {}).items() if k != "train"}}}
             self.run.append_metrics(line)
-            for name, entry in sites.items():
-                totals = self.site_totals.setdefault(name, {})
-                key = f"rounds_{entry['status']}"
-                totals[key] = totals.get(key, 0) + 1
-                totals.update({k: entry[k] for k in ("epsilon", "delta", "epsilon_budget")
-                               if k in entry})
+            self._count(sites)
             if self.on_round:
                 self.on_round(line)
         self.run.save_model(state, schema, self.cfg, rounds)
         return FederationResult(rounds=rounds, final={k: v for k, v in final.items()
                                                       if k != "n"}, patterns=patterns)
+
+    def _count(self, sites: dict[str, dict[str, Any]]) -> None:
+        for name, entry in sites.items():
+            totals = self.site_totals.setdefault(name, {})
+            key = f"rounds_{entry['status']}"
+            totals[key] = totals.get(key, 0) + 1
+            totals.update({k: entry[k] for k in ("epsilon", "delta", "epsilon_budget")
+                           if k in entry})
+
+    def admit_new_nodes(self, round_num: int) -> None:
+        """Let a site that restarted (a new node id) rejoin at the start of a round.
+
+        A new node is asked who it is; it is admitted only under the name of a site
+        that was part of the federation from the start (its old node is retired),
+        so an unknown client can never join a running federation.
+        """
+        known = set(self.sites) | self.ignored
+        fresh = [n for n in self.grid.get_node_ids() if n not in known]
+        if not fresh:
+            return
+        request = messages.request(self.cfg, round_num)
+        ok, failed = exchange(self.grid, dict.fromkeys(fresh, request), messages.STATS,
+                              round_num, min(self.remaining(), 60.0))
+        names = {ref.name: node for node, ref in self.sites.items()}
+        for node, reply in ok.items():
+            name = str(reply.content.config_records["site"].get("name", ""))
+            if name not in names:
+                log.warning("round %d: node %s (site %r) is not part of this federation; "
+                            "ignored", round_num, node, name)
+                self.ignored.add(node)
+                continue
+            del self.sites[names[name]]
+            self.sites[node] = SiteRef(node, name)
+            log.info("round %d: %s rejoined (node %s)", round_num, name, node)
+        for node, reason in failed.items():
+            log.warning("round %d: new node %s did not identify itself: %s", round_num,
+                        node, reason)
+            self.ignored.add(node)  # a restarted site comes back under yet another id
 
     def site_summary(self) -> dict[str, dict[str, Any]]:
         out = {}

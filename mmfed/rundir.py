@@ -60,8 +60,11 @@ def model_payload(state: dict[str, np.ndarray], schema: FeatureSchema, cfg: RunC
     """A self-describing model file: weights plus what is needed to rebuild the model."""
     import torch
 
+    from mmfed.privacy.releases import state_hash
+
     buf = io.BytesIO()
     torch.save({"format": "mmfed-model/1", "round": round_num,
+                "state_hash": state_hash(state),
                 "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()},
                 "schema": schema.to_config(), "config": dict(cfg.values)}, buf)
     return buf.getvalue()

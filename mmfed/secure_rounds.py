@@ -130,7 +130,7 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
             "segment_groups": [g for g, _ in layout]})
         contents[node] = content
         log_.bytes_down += _record_bytes(content)
-    ok, failed = exchange(fed.grid, contents, messages.TRAIN, round_num, fed.timeout)
+    ok, failed = exchange(fed.grid, contents, messages.TRAIN, round_num, fed.remaining())
     advertised: dict[int, dict[str, bytes]] = {}
     for node, reason in failed.items():
         fail(sid_of[node], "train", reason)
@@ -173,7 +173,7 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
             contents[node_of[sid]] = _stage_content(round_num, name_of[sid], cfg, payload)
             log_.bytes_down += _record_bytes(contents[node_of[sid]])
         ok, failed = exchange(fed.grid, contents, messages.SECAGG_SHARE, round_num,
-                              fed.timeout)
+                              fed.remaining())
         for node, reason in failed.items():
             fail(sid_of[node], "share", reason)
         shares: dict[int, dict[int, bytes]] = {}
@@ -193,7 +193,7 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
             contents[node_of[sid]] = _stage_content(round_num, name_of[sid], cfg, payload)
             log_.bytes_down += _record_bytes(contents[node_of[sid]])
         ok, failed = exchange(fed.grid, contents, messages.SECAGG_MASK, round_num,
-                              fed.timeout)
+                              fed.remaining())
         for node, reason in failed.items():
             fail(sid_of[node], "mask", reason)
         masked: dict[int, np.ndarray] = {}
@@ -214,7 +214,7 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
                     for sid in survivors}
         log_.bytes_down += sum(_record_bytes(c) for c in contents.values())
         ok, failed = exchange(fed.grid, contents, messages.SECAGG_UNMASK, round_num,
-                              fed.timeout)
+                              fed.remaining())
         for node, reason in failed.items():
             log.warning("round %d: %s failed to unmask: %s", round_num,
                         name_of[sid_of[node]], reason)

@@ -15,19 +15,25 @@ from flwr.serverapp import Grid, ServerApp
 
 from mmfed.config import RunConfig
 from mmfed.federation import Federation, RoundCallback
+from mmfed.resume import ResumePoint
 from mmfed.rundir import RunDir
 
 
 def run_and_record(grid: Grid, cfg: RunConfig, run: RunDir,
                    on_round: RoundCallback | None = None,
-                   expected_sites: int | None = None) -> None:
-    """Run every round and write ``summary.json``; shared by both entry points."""
+                   expected_sites: int | None = None,
+                   resume: ResumePoint | None = None) -> None:
+    """Run every round and write ``summary.json``; shared by both entry points.
+
+    With ``resume``, rounds 1..k are taken from the checkpoint and metrics as they are.
+    """
     from mmfed.tracking import TensorBoardLog, chain
 
     started = time.perf_counter()
     tensorboard = TensorBoardLog(run.path)
     fed = Federation(grid, cfg, run, on_round=chain(on_round, tensorboard),
                      expected_sites=expected_sites)
+    fed.resume_point = resume
     try:
         result = fed.run_rounds()
     finally:
@@ -36,16 +42,18 @@ def run_and_record(grid: Grid, cfg: RunConfig, run: RunDir,
                        "final_patterns": result.patterns,
                        "sites": fed.site_summary(),
                        "wall_seconds": round(time.perf_counter() - started, 2),
-                       "mode": "federated"})
+                       "mode": "federated",
+                       **({"resumed_after_round": resume.round} if resume else {})})
 
 
 def make_server_app(cfg: RunConfig, run: RunDir, on_round: RoundCallback | None = None,
-                    expected_sites: int | None = None) -> ServerApp:
+                    expected_sites: int | None = None,
+                    resume: ResumePoint | None = None) -> ServerApp:
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_and_record(grid, cfg, run, on_round, expected_sites)
+        run_and_record(grid, cfg, run, on_round, expected_sites, resume)
 
     return server
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from mmfed.config import RunConfig
 from mmfed.data.reader import list_sites, read_site
 from mmfed.errors import DataError, UsageError
+from mmfed.resume import ResumePoint
 from mmfed.rundir import RunDir
 
 QUIET_ENV = {
@@ -111,8 +114,30 @@ def quiet_flower(debug: bool) -> None:
         warnings.filterwarnings("ignore", message=".*deprecated.*")
 
 
+def ray_backend_config(cfg: RunConfig, debug: bool = False) -> dict[str, Any]:
+    """Ray resources for the simulation: a fixed pool of workers, whatever the site count.
+
+    Flower runs one actor per ``simulation.cpus_per_site`` CPUs and sends every site's
+    messages to whichever actor is free, so the number of processes (and their memory)
+    depends on the machine, not on the number of sites. On CUDA each actor also asks
+    for its share of the GPUs (see ``mmfed.device.simulation_gpus``).
+    """
+    from mmfed.device import simulation_gpus
+
+    cpus = float(cfg["simulation.cpus_per_site"])
+    total_cpus = max(int(os.cpu_count() or 1), math.ceil(cpus))
+    gpus_per_site, gpus = simulation_gpus(cfg["train.device"],
+                                          float(cfg["simulation.gpus_per_site"]),
+                                          int(total_cpus // cpus))
+    init_args: dict[str, Any] = {"num_cpus": total_cpus, "num_gpus": gpus,
+                                 "include_dashboard": False, "logging_level": "error",
+                                 "log_to_driver": debug}
+    return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus_per_site},
+            "init_args": init_args}
+
+
 def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
-                   debug: bool = False) -> None:
+                   debug: bool = False, resume: ResumePoint | None = None) -> None:
     """Run the federation on Ray: one virtual SuperNode per site folder."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -123,14 +148,10 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
     from mmfed.server_app import make_server_app
 
     n_sites = int(cfg["data.sites"])
-    cpus = float(cfg["simulation.cpus_per_site"])
-    backend = {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-               "init_args": {"num_cpus": max(int(os.cpu_count() or 1), int(cpus)),
-                             "include_dashboard": False, "logging_level": "error",
-                             "log_to_driver": debug}}
+    backend = ray_backend_config(cfg, debug)
     with Progress(cfg["rounds"], f"mmfed simulate ({n_sites} sites)", live=live) as progress:
         server_app = make_server_app(cfg, run, on_round=progress.round_done,
-                                     expected_sites=n_sites)
+                                     expected_sites=n_sites, resume=resume)
         flwr_run_simulation(server_app=server_app, client_app=client_app,
                             num_supernodes=n_sites, backend_config=backend,  # type: ignore[arg-type]
                             verbose_logging=debug)
@@ -139,7 +160,36 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
                         f"above and {run.path / 'metrics.jsonl'}")
 
 
+def resume_simulation(run_path: Path, args: argparse.Namespace) -> int:
+    """``mmfed simulate --resume RUN``: continue a crashed run after its last full round."""
+    from mmfed.resume import find_resume_point, load_run_config, truncate_metrics
+
+    given = [flag for flag, value in (("--config", args.config), ("--data", args.data),
+                                      ("--seed", args.seed), ("--out", args.out),
+                                      ("--sites", args.sites), ("--rounds", args.rounds),
+                                      ("--set", args.overrides), ("--dp", args.dp),
+                                      ("--no-dp", args.no_dp), ("--secagg", args.secagg),
+                                      ("--no-secagg", args.no_secagg)) if value]
+    if given:
+        raise UsageError(f"--resume continues a run with its own config.toml; drop "
+                         f"{', '.join(given)}")
+    run_path = run_path.resolve()
+    cfg = load_run_config(run_path)
+    validate_federation(Path(cfg["data.dir"]))
+    point = find_resume_point(run_path, cfg)
+    truncate_metrics(run_path, point)
+    run = RunDir(run_path, fresh=False)
+    done = point.round if point else 0
+    print(f"resuming {run_path} after round {done} of {cfg['rounds']}", flush=True)
+    started = time.perf_counter()
+    run_simulation(cfg, run, live=False if args.no_progress else None, debug=args.debug,
+                   resume=point)
+    return _report_done(cfg, run, started)
+
+
 def simulate_from_args(args: argparse.Namespace) -> int:
+    if getattr(args, "resume", None):
+        return resume_simulation(Path(args.resume), args)
     extra = {"seed": args.seed, "rounds": args.rounds, "data.sites": args.sites,
              "data.dir": str(args.data) if args.data else None,
              "privacy.enabled": False if args.no_dp else (True if args.dp else None)}
@@ -152,10 +202,17 @@ def simulate_from_args(args: argparse.Namespace) -> int:
     if args.data and args.sites:
         raise UsageError("--sites only applies to synthesized data; with --data the "
                          "federation folder decides")
+    from mmfed.device import resolve_device
+
+    resolve_device(cfg["train.device"])  # a missing GPU is one line, before any work
     out = args.out or (Path(cfg["out"]) if cfg["out"] else default_out("simulate"))
     cfg, run = prepare_run(cfg, out)
     started = time.perf_counter()
     run_simulation(cfg, run, live=False if args.no_progress else None, debug=args.debug)
+    return _report_done(cfg, run, started)
+
+
+def _report_done(cfg: RunConfig, run: RunDir, started: float) -> int:
     from mmfed.rundir import read_metrics
 
     last = read_metrics(run.path)[-1]

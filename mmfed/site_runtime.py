@@ -12,18 +12,52 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmfed.config import RunConfig
 from mmfed.data.reader import SiteData, list_sites, load_site
+from mmfed.device import resolve_device
 from mmfed.errors import DataError
 from mmfed.features import EncodedSite, FeatureSchema, encode, local_stats, split_indices
 from mmfed.privacy.policy import PrivacyPolicy, load_policy, policy_from_mapping
+from mmfed.specs import TrainSpec
+
+if TYPE_CHECKING:  # importing the budget pulls in Opacus; only the DP path needs it
+    from mmfed.privacy.budget import SiteBudget
 
 _SITE_CACHE: dict[tuple[str, float], SiteData] = {}
 _ENCODED_CACHE: dict[tuple[str, str], tuple[EncodedSite, EncodedSite]] = {}
+# Per process and per cache. A simulation worker serves many sites in turn, and
+# reloading a site costs more than a round of training on it, so recently used sites
+# stay; the bound keeps a worker's memory flat however many sites the federation has.
+CACHE_BYTES = 256 * 2**20
+
+
+def _nbytes(value: object) -> int:
+    """Array bytes held by a cached value (names and ids are small by comparison)."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, tuple | list):
+        return sum(_nbytes(v) for v in value)
+    if hasattr(value, "__dict__"):
+        return sum(_nbytes(v) for v in vars(value).values())
+    return 0
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """Insert as most recent; drop the least recently used beyond ``CACHE_BYTES``."""
+    cache[key] = value
+    while len(cache) > 1 and sum(_nbytes(v) for v in cache.values()) > CACHE_BYTES:
+        del cache[next(iter(cache))]
+
+
+def _recall(cache: dict[Any, Any], key: Any) -> Any:
+    """A cached value, marked most recently used (dicts keep insertion order)."""
+    value = cache.pop(key)
+    cache[key] = value
+    return value
 
 
 def limit_threads() -> None:
@@ -56,9 +90,10 @@ def get_site(folder: Path) -> SiteData:
     stamp = (folder / "records.csv").stat().st_mtime if (folder / "records.csv").exists() else 0
     key = (str(folder.resolve()), stamp)
     if key not in _SITE_CACHE:
-        _SITE_CACHE.clear()  # one site per process; do not pin stale copies
-        _SITE_CACHE[key] = load_site(folder)
-    return _SITE_CACHE[key]
+        for old in [k for k in _SITE_CACHE if k[0] == key[0]]:
+            del _SITE_CACHE[old]  # do not pin stale copies of a changed folder
+        _remember(_SITE_CACHE, key, load_site(folder))
+    return _recall(_SITE_CACHE, key)
 
 
 def schema_key(schema: FeatureSchema) -> str:
@@ -71,11 +106,10 @@ def get_encoded(site: SiteData, schema: FeatureSchema, val_fraction: float,
     """(train, validation) split of the site, encoded under the federation schema."""
     key = (site.name + f":{len(site)}:{val_fraction}:{seed}", schema_key(schema))
     if key not in _ENCODED_CACHE:
-        _ENCODED_CACHE.clear()
         enc = encode(site, schema)
         tr, va = split_indices(site.ids, site.labels, val_fraction, seed)
-        _ENCODED_CACHE[key] = (enc.subset(tr), enc.subset(va))
-    return _ENCODED_CACHE[key]
+        _remember(_ENCODED_CACHE, key, (enc.subset(tr), enc.subset(va)))
+    return _recall(_ENCODED_CACHE, key)
 
 
 def site_seed(seed: int, round_num: int, site: str) -> int:
@@ -133,16 +167,25 @@ def train_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
     model = build_model(schema, cfg.model_spec())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
     seed = site_seed(cfg["seed"], round_num, site.name)
+    device = resolve_device(spec.device)
     if not policy.enabled:
-        metrics = train_local(model, train, spec, len(schema.classes), seed=seed)
+        metrics = train_local(model, train, spec, len(schema.classes), seed=seed,
+                              device=device)
         metrics.update(private=0.0)
     else:
         from mmfed.privacy.budget import SiteBudget
         from mmfed.privacy.dp_sgd import train_private
+        from mmfed.privacy.ledger import ledger_dir
+        from mmfed.privacy.releases import ReleaseCache, state_hash
 
-        budget = SiteBudget(folder, policy, str(node_config.get("ledger-dir") or
-                                                cfg["privacy.ledger_dir"]),
-                            site.name, cfg["run_id"] or "unnamed-run")
+        run_id = cfg["run_id"] or "unnamed-run"
+        ledger_root = str(node_config.get("ledger-dir") or cfg["privacy.ledger_dir"])
+        budget = SiteBudget(folder, policy, ledger_root, site.name, run_id)
+        releases = ReleaseCache(ledger_dir(ledger_root), budget.ledger.fingerprint)
+        global_hash = state_hash(global_state)
+        earlier = releases.load(run_id, round_num, global_hash)
+        if earlier is not None:  # asked again (server resumed): re-send, spend nothing new
+            return _re_release(budget, earlier, round_num, train, spec, cfg, start)
         plan = budget.plan_round(len(train), spec.batch_size, spec.epochs, round_num,
                                  cfg["rounds"])
         figures = {"private": 1.0, "delta": policy.delta, "epsilon_budget": policy.epsilon,
@@ -152,14 +195,41 @@ def train_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
                                        "epsilon_projected": plan.projected,
                                        "seconds": time.perf_counter() - start})
         result = train_private(model, train, spec, len(schema.classes), plan.sigma,
-                               policy.max_grad_norm, seed,
+                               policy.max_grad_norm, seed, device=device,
                                mode=cfg["privacy.grad_sample_mode"])
-        entry = budget.record(plan, result.steps, round_num)  # before the update leaves
         metrics = {**figures, "train_loss": result.train_loss, "steps": float(result.steps),
-                   "num_examples": float(len(train)), "epsilon": entry.epsilon}
+                   "num_examples": float(len(train))}
+        state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        # durable copy first, then the ledger, and only then does the update leave
+        releases.save(run_id, round_num, global_hash, state, metrics)
+        metrics["epsilon"] = budget.record(plan, result.steps, round_num).epsilon
+        metrics["seconds"] = time.perf_counter() - start
+        return TrainOutcome(state, metrics, modality_counts(train, spec.modalities))
     metrics["seconds"] = time.perf_counter() - start
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     return TrainOutcome(state, metrics, modality_counts(train, spec.modalities))
+
+
+def _re_release(budget: SiteBudget, earlier: tuple[dict[str, np.ndarray], dict[str, float]],
+                round_num: int, train: EncodedSite, spec: TrainSpec, cfg: RunConfig,
+                start: float) -> TrainOutcome:
+    """Answer a repeated request for a round with the update already released for it.
+
+    If the ledger already has the round, nothing is spent; if the site crashed after
+    saving the copy but before the ledger entry, the spend is recorded now (once).
+    """
+    state, metrics = earlier
+    entries = [e for e in budget.ledger.entries()
+               if e.run_id == budget.run_id and e.round == round_num]
+    if entries:
+        epsilon = entries[-1].epsilon
+    else:
+        plan = budget.plan_round(len(train), spec.batch_size, spec.epochs, round_num,
+                                 cfg["rounds"])
+        epsilon = budget.record(plan, int(metrics.get("steps", plan.steps)), round_num).epsilon
+    out = {**metrics, "epsilon": epsilon, "re_released": 1.0,
+           "seconds": time.perf_counter() - start}
+    return TrainOutcome(state, out, modality_counts(train, spec.modalities))
 
 
 def evaluate_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
@@ -177,7 +247,8 @@ def evaluate_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
         return {"num_examples": 0.0}
     model = build_model(schema, cfg.model_spec())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
-    figures = evaluate(model, val, tuple(cfg["train.modalities"]))
+    figures = evaluate(model, val, tuple(cfg["train.modalities"]),
+                       device=resolve_device(cfg["train.device"]))
     out = {k: float(v) for k, v in figures.items() if v is not None and k != "n"}
     out["num_examples"] = float(len(val))
     return out
