@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,10 @@ from mmfed.data.reader import load_site
 from mmfed.errors import DataError, MmfedError
 from mmfed.features import FeatureSchema, LocalStats, encode, merge_stats
 from mmfed.resume import ResumePoint
+from mmfed.robust import aggregate_robust, validate_update
 from mmfed.rundir import RunDir
 from mmfed.specs import MODALITY_NAMES
-from mmfed.updates import group_weights, grouped_average
+from mmfed.updates import group_weights, grouped_average, weight_group
 
 log = logging.getLogger("mmfed")
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -76,38 +77,6 @@ def exchange(grid: Grid, contents: dict[int, Any], message_type: str, round_num:
         else:
             ok[node] = reply
     return ok, failed
-
-
-def weighted_average(states: Iterable[tuple[dict[str, np.ndarray], float]]
-                     ) -> dict[str, np.ndarray]:
-    """FedAvg: example-weighted mean, accumulated in float64 to avoid drift."""
-    states = list(states)
-    total = sum(w for _, w in states)
-    if total <= 0:
-        raise MmfedError("no examples in this round's updates")
-    first = states[0][0]
-    out: dict[str, np.ndarray] = {}
-    for key, ref in first.items():
-        if not np.issubdtype(ref.dtype, np.floating):
-            out[key] = ref.copy()
-            continue
-        acc = np.zeros(ref.shape, dtype=np.float64)
-        for state, weight in states:
-            acc += state[key].astype(np.float64) * (weight / total)
-        out[key] = acc.astype(ref.dtype)
-    return out
-
-
-def check_update(state: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str | None:
-    """A site's update must match the global model exactly in keys, shapes and be finite."""
-    if set(state) != set(reference):
-        return "update has different parameter names than the global model"
-    for key, ref in reference.items():
-        if state[key].shape != ref.shape:
-            return f"parameter {key} has shape {state[key].shape}, expected {ref.shape}"
-        if not np.isfinite(state[key]).all():
-            return f"parameter {key} has NaN or infinite values"
-    return None
 
 
 def declined_entry(round_num: int, name: str, metrics: dict[str, float]) -> dict[str, Any]:
@@ -228,7 +197,8 @@ class Federation:
                 sites[name] = {"status": "dropped", "reason": "reply without a model"}
                 continue
             update = messages.arrays_to_numpy(reply.content.array_records["model"])
-            problem = check_update(update, state)
+            problem = validate_update(update, state,
+                                      float(self.cfg["aggregation.max_update_norm"]))
             if problem is not None or metrics.get("num_examples", 0) <= 0:
                 reason = problem or "reported no training examples"
                 log.warning("round %d: update from %s rejected: %s", round_num, name, reason)
@@ -245,9 +215,30 @@ class Federation:
                         round_num, len(updates), self.cfg["federation.min_sites"])
             new_state = state
         else:
-            new_state = grouped_average(updates, state)
+            new_state = self.aggregate(updates, state)
         return new_state, round_info(sites, len(updates), bytes_up,
                                      messages.state_bytes(state) * len(nodes), train_seconds)
+
+    def aggregate(self, updates: list[tuple[dict[str, np.ndarray], dict[str, int]]],
+                  reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validated plaintext updates → the new global model, by ``aggregation.rule``.
+
+        Robust rules (one vote per site) are applied group by group, so that with
+        modality-aware aggregation an encoder's median is taken only over the sites
+        that trained it; a group nobody trained keeps its previous weights.
+        """
+        rule = self.cfg["aggregation.rule"]
+        if rule == "fedavg":
+            return grouped_average(updates, reference)
+        out = {k: v.copy() for k, v in reference.items()}
+        groups = {weight_group(k) for k in reference}
+        for group in sorted(groups):
+            voters = [(s, float(w.get(group, 0))) for s, w in updates if w.get(group, 0) > 0]
+            if not voters:
+                continue
+            merged = aggregate_robust(rule, voters, self.cfg["aggregation.trim_fraction"])
+            out.update({k: v for k, v in merged.items() if weight_group(k) == group})
+        return out
 
     def sample(self, round_num: int) -> list[int]:
         nodes = sorted(self.sites)

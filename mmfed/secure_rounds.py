@@ -238,7 +238,12 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
         fail(sid, "mask", "did not send its masked update")
     delta = mean.astype(np.float64)  # a segment nobody trained decodes to 0: kept as is
     norm = float(np.linalg.norm(delta))
-    if not np.all(np.isfinite(delta)) or norm > params.clip_range * np.sqrt(d):
+    # A mean of updates each within the sites' guard bound is within it too; anything
+    # beyond means some site skipped its guard, so the round is not applied.
+    bound = params.clip_range * np.sqrt(d)
+    if float(cfg["aggregation.max_update_norm"]) > 0:
+        bound = min(bound, float(cfg["aggregation.max_update_norm"]))
+    if not np.all(np.isfinite(delta)) or norm > bound * (1 + 1e-6):
         log.warning("round %d: aggregate rejected (norm %.3g); keeping the previous model",
                     round_num, norm)
         return state, summary(0, "aggregate failed the server's check")
