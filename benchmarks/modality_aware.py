@@ -69,8 +69,10 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="also run masked_fedavg")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra config override for every arm (e.g. privacy.enabled=true)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="arms to run "
+                        "(default: aware and zero_fill)")
     args = parser.parse_args()
-    arms = ["aware", "zero_fill"] + (["masked_fedavg"] if args.ablation else [])
+    arms = args.arms or (["aware", "zero_fill"] + (["masked_fedavg"] if args.ablation else []))
     scores: dict[str, dict[str, list[float]]] = {arm: {} for arm in arms}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
@@ -93,8 +95,8 @@ def main() -> None:
                                                         for k, v in row.items()), flush=True)
     result = {arm: {k: mean_sd(v) for k, v in rows.items()} for arm, rows in scores.items()}
     result["seeds"] = args.seeds  # type: ignore[assignment]
-    for key in result["aware"]:
-        if key in result["zero_fill"]:
+    for key in result.get("aware", {}):
+        if key in result.get("zero_fill", {}):
             a, z = result["aware"][key], result["zero_fill"][key]
             print(f"{key:24s} aware {a['mean']:.4f} ± {a['sd']:.4f}   "
                   f"zero_fill {z['mean']:.4f} ± {z['sd']:.4f}")
