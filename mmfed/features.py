@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmfed.data.reader import SiteData
+if TYPE_CHECKING:  # the reader pulls in pandas; secure-aggregation stages never read data
+    from mmfed.data.reader import SiteData
 
 HASH_BUCKETS = 32  # index 0 means "missing"
 

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmfed.config import RunConfig
-from mmfed.data.reader import SiteData, list_sites, load_site
 from mmfed.device import resolve_device
 from mmfed.errors import DataError
 from mmfed.features import EncodedSite, FeatureSchema, encode, local_stats, split_indices
 from mmfed.privacy.policy import PrivacyPolicy, load_policy, policy_from_mapping
 from mmfed.specs import TrainSpec
 
-if TYPE_CHECKING:  # importing the budget pulls in Opacus; only the DP path needs it
+if TYPE_CHECKING:  # Opacus (budget) and pandas (reader): only training needs them
+    from mmfed.data.reader import SiteData
     from mmfed.privacy.budget import SiteBudget
 
 _SITE_CACHE: dict[tuple[str, float], SiteData] = {}
@@ -79,6 +79,8 @@ def resolve_site_dir(node_config: dict[str, Any], cfg: RunConfig) -> Path:
     root = cfg["data.dir"]
     if not root:
         raise DataError("run config has no data.dir for simulated sites")
+    from mmfed.data.reader import list_sites
+
     sites = list_sites(root)
     pid = int(node_config["partition-id"])
     if not 0 <= pid < len(sites):
@@ -90,6 +92,8 @@ def get_site(folder: Path) -> SiteData:
     stamp = (folder / "records.csv").stat().st_mtime if (folder / "records.csv").exists() else 0
     key = (str(folder.resolve()), stamp)
     if key not in _SITE_CACHE:
+        from mmfed.data.reader import load_site
+
         for old in [k for k in _SITE_CACHE if k[0] == key[0]]:
             del _SITE_CACHE[old]  # do not pin stale copies of a changed folder
         _remember(_SITE_CACHE, key, load_site(folder))
