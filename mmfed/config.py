@@ -53,12 +53,15 @@ DEFAULTS: dict[str, Value] = {
     "federation.round_timeout": 900.0,
     "federation.local_eval": True,
     "simulation.cpus_per_site": 1.0,
+    # Ray num_gpus per virtual site when training on CUDA; 0: the GPUs are shared by the
+    # sites that run at once (as many as the CPUs allow). Ignored on the CPU.
+    "simulation.gpus_per_site": 0.0,
     # Each encoder averaged over the sites (and patients) that had its modality.
     "aggregation.modality_aware": True,
     "aggregation.rule": "fedavg",  # plaintext only: fedavg, median, trimmed_mean
     "aggregation.trim_fraction": 0.1,  # trimmed_mean: share cut from each end
     # L2 bound on a site's update (new − global weights); 0 = no bound. Honest updates
-    # on the default run measure 0.75-1.2 (1.0 with DP, 16-19 at 10x lr and 5 epochs).
+    # on the default run measure 0.75-1.2 (1.0 with DP, 14-19 at 10x lr and 5 epochs).
     "aggregation.max_update_norm": 100.0,
     # Off by default until DP utility meets the project's bar (see README, "Privacy").
     "privacy.enabled": False,
@@ -132,6 +135,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "federation.min_sites": _in(1, 1000),
     "federation.round_timeout": _in(1.0, 86400.0),
     "simulation.cpus_per_site": _in(0.1, 64.0),
+    "simulation.gpus_per_site": _in(0.0, 64.0),
     "privacy.epsilon": _in(1e-3, 1000.0),
     "privacy.delta": _in(1e-12, 0.1),
     "privacy.max_grad_norm": _in(1e-4, 1000.0),
@@ -189,6 +193,9 @@ def _coerce(key: str, value: Any) -> Value:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and isinstance(value, int) and abs(value) > 1e300:  # float() would overflow
+            raise ConfigError(f"config key '{key}': out of range (got a "
+                              f"{value.bit_length()}-bit integer)")
         value = float(value) if ok else value
     elif isinstance(default, str):
         ok = isinstance(value, str)
@@ -199,6 +206,10 @@ def _coerce(key: str, value: Any) -> Value:
     if not ok:
         raise ConfigError(f"config key '{key}': expected {type(default).__name__}, got "
                           f"{value!r}")
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    if any("\ud800" <= c <= "\udfff" for text in texts for c in text):
+        # undecodable command-line bytes arrive as lone surrogates: unwritable as TOML
+        raise ConfigError(f"config key '{key}': not valid UTF-8 text (got {value!r})")
     check = CHECKS.get(base)
     problem = check(value) if check else None
     if problem:
@@ -213,7 +224,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or an integer too long for int()
         value = text.strip()  # bare words are strings: --set model.fusion=concat
     if isinstance(DEFAULTS.get(key), str) and not isinstance(value, str):
         value = text.strip()  # string keys take the text as written: --set out=2024
@@ -251,7 +262,7 @@ class RunConfig:
                 raise ConfigError(f"{path}: config file not found") from None
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{path}: cannot read config ({exc})") from None
-            except tomllib.TOMLDecodeError as exc:
+            except ValueError as exc:  # TOMLDecodeError, or an integer too long for int()
                 raise ConfigError(f"{path}: not valid TOML ({exc})") from None
             for key, value in _flatten(tree).items():
                 cfg.set(key, value)

@@ -21,6 +21,7 @@ from mmfed.config import RunConfig
 from mmfed.errors import MmfedError
 from mmfed.features import FeatureSchema
 from mmfed.secagg import SecAggAborted, SecAggError, SecAggParams, SecAggServer
+from mmfed.secagg.quantize import levels
 from mmfed.site_secagg import blobs, ints
 from mmfed.updates import apply_delta, segment_layout, vector_length
 
@@ -237,14 +238,39 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
     for sid in dropped:
         fail(sid, "mask", "did not send its masked update")
     delta = mean.astype(np.float64)  # a segment nobody trained decodes to 0: kept as is
-    norm = float(np.linalg.norm(delta))
-    # A mean of updates each within the sites' guard bound is within it too; anything
-    # beyond means some site skipped its guard, so the round is not applied.
-    bound = params.clip_range * np.sqrt(d)
-    if float(cfg["aggregation.max_update_norm"]) > 0:
-        bound = min(bound, float(cfg["aggregation.max_update_norm"]))
-    if not np.all(np.isfinite(delta)) or norm > bound * (1 + 1e-6):
-        log.warning("round %d: aggregate rejected (norm %.3g); keeping the previous model",
-                    round_num, norm)
-        return state, summary(0, "aggregate failed the server's check")
+    problem = aggregate_problem(delta, params, server.segment_weights, len(used),
+                                float(cfg["aggregation.max_update_norm"]))
+    if problem:
+        log.warning("round %d: aggregate rejected (%s); keeping the previous model",
+                    round_num, problem)
+        return state, summary(0, f"aggregate failed the server's check: {problem}")
     return apply_delta(state, delta), summary(len(used), None)
+
+
+def aggregate_problem(delta: np.ndarray, params: SecAggParams, weights: list[float],
+                      contributors: int, max_norm: float) -> str | None:
+    """The server's check of an unmasked aggregate, segment by segment.
+
+    Each segment is a weighted mean of the sites' (guarded) segments, so its norm is
+    within the per-site bound; the whole vector is not, because different sites can
+    dominate different segments. The margin covers fixed-point rounding, which is
+    absolute: at most ~2·n·R/L per coordinate, divided by the segment's total weight.
+    """
+    if not np.all(np.isfinite(delta)):
+        return "NaN or infinite values"
+    sizes = list(params.segments) or [params.vector_length]
+    top = levels(params.max_sites)
+    offset = 0
+    for size, weight in zip(sizes, weights or [1.0] * len(sizes), strict=True):
+        part = delta[offset:offset + size]
+        offset += size
+        if weight <= 0:
+            continue
+        bound = params.clip_range * np.sqrt(size)
+        if max_norm > 0:
+            bound = min(bound, max_norm)
+        margin = np.sqrt(size) * 2.0 * contributors * params.clip_range / (top * weight)
+        norm = float(np.linalg.norm(part))
+        if norm > bound + margin:
+            return f"segment norm {norm:.4g} exceeds the bound {bound:.4g}"
+    return None

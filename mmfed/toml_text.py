@@ -6,8 +6,9 @@ import json
 
 
 def toml_string(text: str) -> str:
-    """A TOML basic string; JSON's escapes are all valid TOML escapes."""
-    return json.dumps(text, ensure_ascii=False)
+    """A TOML basic string; JSON's escapes are all valid TOML escapes, but JSON leaves
+    DEL (U+007F) raw, which TOML forbids in a basic string."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def toml_value(value: bool | int | float | str | list[str]) -> str:

@@ -164,3 +164,21 @@ def test_patterns_group_patients_by_what_they_have() -> None:
     assert next(iter(figures)) == COMPLETE
     assert figures[COMPLETE]["n"] == 2 and figures[COMPLETE]["auroc"] == 1.0
     assert figures["records"]["auroc"] is None  # one class only
+
+
+def test_server_checks_the_secure_aggregate_segment_by_segment() -> None:
+    from mmfed.secure_rounds import aggregate_problem
+
+    params = SecAggParams(run_id="r", round=1, site_ids=[0, 1], threshold=2, neighbours=None,
+                          clip_range=1.0, max_sites=2, count_cap=100, vector_length=8,
+                          segments=(4, 4))
+    ok = np.array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])  # each segment norm 1.0
+    assert aggregate_problem(ok, params, [0.3, 0.4], 2, max_norm=1.0) is None
+    assert np.linalg.norm(ok) > 1.0  # the whole vector alone would have been refused
+    big = ok.copy()
+    big[:4] = 1.0  # segment norm 2.0 > bound 1.0
+    assert "segment norm 2" in (aggregate_problem(big, params, [0.3, 0.4], 2, 1.0) or "")
+    assert aggregate_problem(big, params, [0.0, 0.4], 2, 1.0) is None  # nobody trained it
+    nan = ok.copy()
+    nan[5] = np.nan
+    assert aggregate_problem(nan, params, [0.3, 0.4], 2, 1.0) == "NaN or infinite values"

@@ -22,6 +22,8 @@ IMAGE_EXTS = (".png", ".npy", ".dcm")
 # Real exports mark gaps in several ways; all of them mean "not measured".
 MISSING_MARKERS = frozenset({"", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "."})
 _MAX_EXAMPLES = 3
+# Values are stored as float32: anything larger would silently become infinity.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -60,6 +62,15 @@ class ReadResult:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (``\\n``).
+
+    Column names, labels and file names come from the site's own files and may hold
+    anything; every problem must still print as exactly one line.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _examples(items: list[str]) -> str:
@@ -105,7 +116,11 @@ def _read_csv(path: Path, problems: list[str]) -> pd.DataFrame | None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         problems.append(f"{path.name}: malformed CSV ({first})")
         return None
-    header = [h.strip() for h in next(csv.reader(io.StringIO(text)))]
+    try:
+        header = [h.strip() for h in next(csv.reader(io.StringIO(text)))]
+    except csv.Error as exc:  # e.g. a header field beyond the csv module's size limit
+        problems.append(f"{path.name}: malformed CSV header ({exc})")
+        return None
     if any(not h for h in header):
         problems.append(f"{path.name}: header has empty column names")
         return None
@@ -124,9 +139,32 @@ def _to_float(values: pd.Series) -> tuple[np.ndarray, list[int]]:
     missing = text.isin(MISSING_MARKERS).to_numpy()
     parsed = pd.to_numeric(text.where(~missing, "nan"), errors="coerce").to_numpy(
         dtype=np.float64, copy=True)
-    bad_mask = ~missing & ~np.isfinite(parsed)
+    bad_mask = ~missing & ~(np.abs(parsed) <= _FLOAT32_MAX)  # NaN, inf, beyond float32
     parsed[bad_mask] = np.nan
     return parsed, np.flatnonzero(bad_mask).tolist()
+
+
+def _to_float_block(frame: pd.DataFrame) -> np.ndarray | None:
+    """Every cell of an all-numeric block at once (NaN for missing markers).
+
+    Thousands of gene columns parsed one by one cost seconds per site, which a
+    100-site simulation pays on every site load. Returns None whenever any cell is
+    not a plain finite number or a missing marker, so that the per-column path
+    (``_to_float``) can name the bad cells; the ASCII/underscore guard keeps numpy
+    from accepting text pandas would reject ("1_000", non-ASCII digits).
+    """
+    text = np.char.strip(frame.to_numpy(dtype=str))
+    joined = "".join(text.ravel().tolist())
+    if "_" in joined or not joined.isascii():
+        return None
+    missing = np.isin(text, list(MISSING_MARKERS))
+    try:
+        parsed = np.where(missing, "nan", text).astype(np.float64)
+    except ValueError:
+        return None
+    if not (np.abs(parsed[~missing]) <= _FLOAT32_MAX).all():
+        return None
+    return parsed
 
 
 def _check_ids(frame: pd.DataFrame, fname: str, problems: list[str]) -> list[str]:
@@ -398,10 +436,14 @@ def _read_genomics(folder: Path, spec: SiteSpec, ids: list[str], problems: list[
     bad_cells: list[str] = []
     src = [i for i, pid in enumerate(gids) if pid in row]
     dst = [row[gids[i]] for i in src]
-    for j, gene in enumerate(genes):
-        col, bad = _to_float(frame[gene])
-        bad_cells += [f"line {i + 2} column '{gene}'" for i in bad]
-        values[dst, j] = col[src]
+    block = _to_float_block(frame[genes]) if len(frame) else None
+    if block is not None:
+        values[dst] = block[src]
+    else:
+        for j, gene in enumerate(genes):
+            col, bad = _to_float(frame[gene])
+            bad_cells += [f"line {i + 2} column '{gene}'" for i in bad]
+            values[dst, j] = col[src]
     if bad_cells:
         problems.append(f"{fname}: non-numeric expression value at {_examples(bad_cells)}")
     for pid in gids:
@@ -418,7 +460,13 @@ def _read_genomics(folder: Path, spec: SiteSpec, ids: list[str], problems: list[
 
 def read_site(folder: Path | str) -> ReadResult:
     """Read and validate one site folder; never raises for bad data."""
-    folder = Path(folder)
+    result = _read_site(Path(folder))
+    result.problems = [one_line(p) for p in result.problems]
+    result.warnings = [one_line(w) for w in result.warnings]
+    return result
+
+
+def _read_site(folder: Path) -> ReadResult:
     if not folder.is_dir():
         return ReadResult(None, [f"{folder}: not a directory"])
     spec, problems = parse_site_spec(folder / "site.toml")
@@ -446,7 +494,7 @@ def load_site(folder: Path | str) -> SiteData:
     if result.site is None:
         extra = len(result.problems) - 1
         more = f" (and {extra} more problem(s); run `mmfed data check {folder}`)" if extra else ""
-        raise DataError(f"{folder}: {result.problems[0]}{more}", result.problems)
+        raise DataError(one_line(f"{folder}: {result.problems[0]}{more}"), result.problems)
     return result.site
 
 

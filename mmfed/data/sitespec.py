@@ -65,7 +65,9 @@ def parse_site_spec(path: Path) -> tuple[SiteSpec | None, list[str]]:
         raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         return None, [f"{where}: not UTF-8 text"]
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        return None, [f"{where}: cannot be read ({exc.strerror})"]
+    except ValueError as exc:  # TOMLDecodeError, or an integer too long for int()
         return None, [f"{where}: not valid TOML ({exc})"]
     problems: list[str] = []
     for key in raw:

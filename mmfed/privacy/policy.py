@@ -61,6 +61,9 @@ def _typed(field: str, value: Any, where: str) -> Any:
         ok = isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and isinstance(value, int) and abs(value) > 1e300:  # float() would overflow
+            raise ConfigError(f"{where}: '{field}' is out of range (got a "
+                              f"{value.bit_length()}-bit integer)")
         value = float(value) if ok else value
     else:
         ok = isinstance(value, str)
@@ -72,7 +75,7 @@ def _typed(field: str, value: Any, where: str) -> Any:
 def policy_from_mapping(values: dict[str, Any], where: str) -> PrivacyPolicy:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: "
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (known: "
                           f"{', '.join(FIELDS)})")
     return PrivacyPolicy(**{k: _typed(k, v, where) for k, v in values.items()})
 
@@ -86,12 +89,12 @@ def load_policy(path: Path | str) -> PrivacyPolicy:
         raise ConfigError(f"{path}: privacy policy file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read privacy policy ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer too long for int()
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     values = tree.get("privacy", tree)
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: [privacy] must be a table")
     extra = set(tree) - {"privacy"} if "privacy" in tree else set()
     if extra:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(extra))}")
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(map(repr, sorted(extra)))}")
     return policy_from_mapping(values, str(path))
