@@ -139,8 +139,8 @@ def _add_deploy_parsers(sub: Any) -> None:
     new.add_argument("--out", type=Path, required=True, help="folder to write")
     new.add_argument("--force", action="store_true", help="replace existing files")
 
-    srv = sub.add_parser("server", help="run one federated round series as the coordinating "
-                         "server: a TLS SuperLink that admits only the given site keys")
+    srv = sub.add_parser("server", help="coordinate one federated run over the network: a TLS "
+                         "SuperLink that admits only the given site keys, until the run ends")
     srv.add_argument("--config", type=Path, help="run configuration (TOML)")
     srv.add_argument("--data", type=Path, help="folder holding holdout/, the server's "
                      "evaluation set (or data.dir in the config)")
@@ -189,6 +189,8 @@ def _add_deploy_parsers(sub: Any) -> None:
     cli.add_argument("--insecure", action="store_true", help="plain-text transport, no "
                      "authentication (test networks only; warns)")
     cli.add_argument("--verbose", action="store_true", help="show the SuperNode's log")
+    cli.add_argument("--log", type=Path, metavar="FILE", help="append the SuperNode's log "
+                     "to FILE (default: kept only while the client runs)")
 
 
 def _cmd_data(args: argparse.Namespace) -> int:

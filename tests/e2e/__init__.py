@@ -1,0 +1,1 @@
+"""End-to-end deployment tests: real processes, real sockets, real network namespaces."""
