@@ -157,6 +157,9 @@ def _add_deploy_parsers(sub: Any) -> None:
                      "connect to (default 9092)")
     srv.add_argument("--out", type=Path, help="run directory to write (default: "
                      "runs/server-<time>)")
+    srv.add_argument("--resume", type=Path, metavar="RUN", help="continue a crashed run from "
+                     "its last complete round, with its own config.toml (give --certs and "
+                     "--admit again)")
     srv.add_argument("--rounds", type=int, help="federated rounds")
     srv.add_argument("--seed", type=int, help="seed for model init and sampling")
     srv.add_argument("--set", dest="overrides", action="append", default=[],

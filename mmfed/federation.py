@@ -133,10 +133,19 @@ class Federation:
         self.ignored: set[int] = set()  # nodes that are not sites of this federation
         self.deadline = time.monotonic() + self.timeout
 
-    def remaining(self) -> float:
-        """Seconds left of this round's timeout: every stage of a round shares one
-        deadline, so a dead or slow site never holds a round past it."""
-        return max(1.0, self.deadline - time.monotonic())
+    def remaining(self, share: float = 1.0) -> float:
+        """Seconds this stage may wait, so that a dead or slow site never holds a round
+        past ``federation.round_timeout``.
+
+        A secure round reserves time after training for its three short stages: the
+        train stage may use ``share`` (0.55) of the timeout, and every later stage at
+        least 15% of it, however long training took (in deployment each message starts
+        a ClientApp process, seconds each).
+        """
+        start = self.deadline - self.timeout
+        if share < 1.0:
+            return max(1.0, start + share * self.timeout - time.monotonic())
+        return max(0.15 * self.timeout, self.deadline - time.monotonic(), 1.0)
 
     def setup(self) -> tuple[FeatureSchema, dict[str, np.ndarray]]:
         """Learn the federation's feature schema and build the initial global model."""

@@ -28,6 +28,9 @@ from mmfed.updates import apply_delta, segment_layout, vector_length
 log = logging.getLogger("mmfed")
 
 
+TRAIN_SHARE = 0.55  # of the round timeout; the rest is kept for share, mask and unmask
+
+
 def default_threshold(group: int) -> int:
     """More than half of each share group: the least that keeps a curious server from
     collecting both kinds of share for one site, and the most dropout it tolerates."""
@@ -131,7 +134,8 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
             "segment_groups": [g for g, _ in layout]})
         contents[node] = content
         log_.bytes_down += _record_bytes(content)
-    ok, failed = exchange(fed.grid, contents, messages.TRAIN, round_num, fed.remaining())
+    ok, failed = exchange(fed.grid, contents, messages.TRAIN, round_num,
+                          fed.remaining(TRAIN_SHARE))
     advertised: dict[int, dict[str, bytes]] = {}
     for node, reason in failed.items():
         fail(sid_of[node], "train", reason)

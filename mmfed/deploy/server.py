@@ -55,6 +55,7 @@ class ServerPlan:
     tls: creds.ServerCredentials | None
     admitted: list[creds.AdmittedSite]
     sites: int
+    resume: bool = False  # continue run_path after its last complete round
 
 
 def say(text: str) -> None:
@@ -65,9 +66,24 @@ def plan_from_args(args: argparse.Namespace) -> ServerPlan:
     from mmfed.deploy.server_app import validate_holdout
     from mmfed.simulate import check_secagg_settings, default_out
 
-    cfg = RunConfig.load(args.config, args.overrides,
-                         {"seed": args.seed, "rounds": args.rounds,
-                          "data.dir": str(args.data) if args.data else None})
+    resume = getattr(args, "resume", None)
+    if resume:
+        from mmfed.resume import load_run_config
+
+        given = [flag for flag, value in (("--config", args.config), ("--data", args.data),
+                                          ("--seed", args.seed), ("--rounds", args.rounds),
+                                          ("--set", args.overrides), ("--out", args.out),
+                                          ("--sites", args.sites)) if value]
+        if given:
+            raise UsageError(f"--resume continues a run with its own config.toml; drop "
+                             f"{', '.join(given)}")
+        cfg = load_run_config(Path(resume).resolve())
+        args.sites = int(cfg["data.sites"])
+        args.out = Path(resume)
+    else:
+        cfg = RunConfig.load(args.config, args.overrides,
+                             {"seed": args.seed, "rounds": args.rounds,
+                              "data.dir": str(args.data) if args.data else None})
     if not cfg["data.dir"]:
         raise UsageError("give --data DIR: a folder holding holdout/, the server's evaluation "
                          "set (site data stays at the sites)")
@@ -116,7 +132,7 @@ def plan_from_args(args: argparse.Namespace) -> ServerPlan:
     check_port_free(host, port, "--port")
     out = Path(args.out) if args.out else (Path(cfg["out"]) if cfg["out"] else
                                             default_out("server"))
-    return ServerPlan(cfg, out.resolve(), host, port, tls, admitted, sites)
+    return ServerPlan(cfg, out.resolve(), host, port, tls, admitted, sites, bool(resume))
 
 
 def app_pyproject(cfg: RunConfig) -> str:
@@ -202,7 +218,7 @@ def serve(plan: ServerPlan, *, live: bool | None = None) -> int:
     from mmfed.rundir import RunDir, read_metrics
 
     cfg = plan.cfg
-    run = RunDir(plan.run_path, fresh=True)
+    run = RunDir(plan.run_path, fresh=not plan.resume)
     cfg.set("out", str(plan.run_path))
     if not cfg["run_id"]:
         import uuid

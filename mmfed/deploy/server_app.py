@@ -38,6 +38,7 @@ def validate_holdout(data_dir: Path) -> Path:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from mmfed.resume import find_resume_point, truncate_metrics
     from mmfed.rundir import RunDir
     from mmfed.server_app import run_and_record
     from mmfed.simulate import quiet_flower
@@ -49,7 +50,12 @@ def main(grid: Grid, context: Context) -> None:
             raise MmfedError("run config has no 'out': submit runs with `mmfed server`")
         validate_holdout(Path(cfg["data.dir"]))
         run = RunDir(Path(cfg["out"]), fresh=False)
-        run_and_record(grid, cfg, run, expected_sites=int(cfg["data.sites"]))
+        # a fresh run has no checkpoints; after `mmfed server --resume` the last complete
+        # round is where this run continues
+        point = find_resume_point(run.path, cfg)
+        if point is not None:
+            truncate_metrics(run.path, point)
+        run_and_record(grid, cfg, run, expected_sites=int(cfg["data.sites"]), resume=point)
     except MmfedError as exc:
         # one line `mmfed server` can find in the stream and show as the reason
         log.error("%s", exc)
