@@ -38,6 +38,7 @@ def pooled_training_data(cfg: RunConfig) -> tuple[Any, EncodedSite, EncodedSite]
 
 def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, Any]:
 
+    from mmfed.device import resolve_device
     from mmfed.model import build_model
     from mmfed.site_runtime import limit_threads, site_seed
     from mmfed.training import evaluate, train_local
@@ -47,14 +48,16 @@ def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, A
     schema, train, holdout = pooled_training_data(cfg)
     model = build_model(schema, cfg.model_spec(), seed=cfg["seed"])
     spec = cfg.train_spec()
+    device = resolve_device(spec.device)
     epochs = cfg["rounds"] * spec.epochs
     one_epoch = type(spec)(**{**spec.__dict__, "epochs": 1})
     final: dict[str, Any] = {}
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         stats = train_local(model, train, one_epoch, len(schema.classes),
-                            seed=site_seed(cfg["seed"], epoch, "centralized"))
-        final = {k: v for k, v in evaluate(model, holdout, spec.modalities).items() if k != "n"}
+                            seed=site_seed(cfg["seed"], epoch, "centralized"), device=device)
+        final = {k: v for k, v in evaluate(model, holdout, spec.modalities,
+                                           device=device).items() if k != "n"}
         line = {"round": epoch, "epoch": epoch, "global": final, "sites": {},
                 "aggregation": {"participants": 0, "dropped": 0, "declined": 0,
                                 "secure": False},
@@ -69,7 +72,7 @@ def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, A
     run.save_model(state, schema, cfg, epochs)
     summary = {"rounds": epochs, "final": final, "sites": {},
                "wall_seconds": round(time.perf_counter() - started, 2),
-               "mode": "centralized", "num_examples": len(train),
+               "mode": "centralized", "num_examples": len(train), "device": str(device),
                "label_balance": np.bincount(train.labels).tolist()}
     run.write_summary(summary)
     return summary
@@ -80,6 +83,9 @@ def centralized_from_args(args: argparse.Namespace) -> int:
 
     extra = {"seed": args.seed, "data.dir": str(args.data) if args.data else None}
     cfg = RunConfig.load(args.config, args.overrides, extra)
+    from mmfed.device import resolve_device
+
+    resolve_device(cfg["train.device"])  # a missing GPU is one line, before any work
     out = args.out or (Path(cfg["out"]) if cfg["out"] else default_out("centralized"))
     cfg, run = prepare_run(cfg, out)
     epochs = cfg["rounds"] * cfg["train.local_epochs"]
