@@ -217,7 +217,8 @@ class Federation:
             name = self.sites[node].name
             log.warning("round %d: %s dropped: %s", round_num, name, reason)
             sites[name] = {"status": "dropped", "reason": reason}
-        for node, reply in ok.items():
+        # by site name, not arrival order: float sums then do not depend on timing
+        for node, reply in sorted(ok.items(), key=lambda item: self.sites[item[0]].name):
             name = self.sites[node].name
             metrics = messages.metrics_of(reply.content)
             if metrics.get("declined"):

@@ -211,7 +211,7 @@ def test_checkpoint_is_self_describing(tmp_path: Path) -> None:
     assert path == tmp_path / "run" / "checkpoints" / "round-0003.pt"
     assert [p.name for p in path.parent.iterdir()] == ["round-0003.pt"]
     payload = torch.load(path, weights_only=False)
-    assert set(payload) == {"format", "round", "state_dict", "schema", "config"}
+    assert set(payload) == {"format", "round", "state_dict", "schema", "config", "state_hash"}
     assert payload["format"] == "mmfed-model/1"
     assert payload["round"] == 3
     assert payload["config"] == cfg.values
