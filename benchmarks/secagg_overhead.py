@@ -1,9 +1,11 @@
-"""Round time with and without secure aggregation, in one run, at 5 and 20 sites.
+"""Round time with and without secure aggregation, in one run, at 5, 20 and 100 sites.
 
 Each configuration runs a real simulated federation (Ray, Flower messages, the default
 model) on the same synthetic cohort; the figure per configuration is the median round
-time over rounds 2..R (round 1 pays Ray and import warm-up). Prints one JSON object as
-its last line: {"5": {"time_ratio": ..., "bytes_per_site": ..., "model_bytes": ...}, ...}
+time over rounds 2..R (round 1 pays Ray and import warm-up). A size written ``N:K``
+runs SecAgg+ with K neighbours per site instead of all-to-all SecAgg (the default is
+``5 20 100:8``: a 100-site federation would not run all-to-all). Prints one JSON object
+as its last line: {"5": {"time_ratio": ..., "bytes_per_site": ..., "model_bytes": ...}, ...}
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ def mmfed(*args: str) -> None:
         sys.exit(f"mmfed {' '.join(args[:2])} failed: {proc.stderr.strip()[-500:]}")
 
 
-def run(data: Path, out: Path, rounds: int, secure: bool) -> list[dict]:
+def run(data: Path, out: Path, rounds: int, secure: bool, neighbours: int) -> list[dict]:
     mmfed("simulate", "--data", str(data), "--out", str(out), "--rounds", str(rounds),
-          "--no-progress", "--secagg" if secure else "--no-secagg")
+          "--no-progress", "--secagg" if secure else "--no-secagg",
+          "--set", f"secagg.neighbours={neighbours}")
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sites", type=int, nargs="+", default=[5, 20])
+    parser.add_argument("--sites", nargs="+", default=["5", "20", "100:8"],
+                        help="site counts; N:K for SecAgg+ with K neighbours per site")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--patients-per-site", type=int, default=60)
     args = parser.parse_args()
@@ -44,12 +48,14 @@ def main() -> None:
 
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.sites:
+        for size in args.sites:
+            count, _, k_text = size.partition(":")
+            n, neighbours = int(count), int(k_text or 0)
             data = Path(tmp) / f"fed-{n}"
             mmfed("data", "synth", "--out", str(data), "--sites", str(n),
                   "--patients-per-site", str(args.patients_per_site), "--holdout", "200")
-            plain = run(data, Path(tmp) / f"plain-{n}", args.rounds, secure=False)
-            secure = run(data, Path(tmp) / f"secure-{n}", args.rounds, secure=True)
+            plain = run(data, Path(tmp) / f"plain-{n}", args.rounds, False, neighbours)
+            secure = run(data, Path(tmp) / f"secure-{n}", args.rounds, True, neighbours)
             model = torch.load(Path(tmp) / f"plain-{n}" / "model.pt", weights_only=False)
             model_bytes = sum(v.numel() * 4 for v in model["state_dict"].values())
             t_plain = statistics.median(x["seconds"]["round"] for x in plain[1:])
@@ -63,7 +69,9 @@ def main() -> None:
                                                  "secure": round(t_secure, 2)},
                                "secagg_stage_seconds": stages,
                                "bytes_per_site": int(per_site), "model_bytes": model_bytes,
-                               "bytes_ratio": round(per_site / model_bytes, 4)}
+                               "bytes_ratio": round(per_site / model_bytes, 4),
+                               "neighbours": secure[-1]["aggregation"].get("neighbours", 0),
+                               "threshold": secure[-1]["aggregation"].get("threshold")}
             print(f"{n} sites: {results[str(n)]}", file=sys.stderr)
     print(json.dumps(results))
 
