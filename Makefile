@@ -27,7 +27,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy mmfed
-	$(PY) -m pytest -q
+	# two workers, one file each: many tests wait on real processes and sockets
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
