@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Value] = {
     # sites that run at once (as many as the CPUs allow). Ignored on the CPU.
     "simulation.gpus_per_site": 0.0,
     # Each encoder averaged over the sites (and patients) that had its modality.
-    "aggregation.modality_aware": True,
+    "aggregation.modality_aware": False,  # on in configs/uneven.toml
     "aggregation.rule": "fedavg",  # plaintext only: fedavg, median, trimmed_mean
     "aggregation.trim_fraction": 0.1,  # trimmed_mean: share cut from each end
     # L2 bound on a site's update (new − global weights); 0 = no bound. Honest updates

@@ -36,7 +36,8 @@ from tests.helpers import run_mmfed
 SMALL = ["--sites", "3", "--rounds", "1", "--no-progress", "--no-dp", "--seed", "3",
          "--set", "data.patients_per_site=60", "--set", "data.genes=40",
          "--set", "data.holdout=60", "--set", "federation.local_eval=false",
-         "--set", "train.batch_size=16", "--set", 'data.missing=["genomics@site-2"]']
+         "--set", "train.batch_size=16", "--set", 'data.missing=["genomics@site-2"]',
+         "--set", "aggregation.modality_aware=true"]
 
 
 def _site_results(run: Path) -> tuple[RunConfig, dict[str, np.ndarray],
