@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("site", type=Path, help="site folder (its data fingerprint names the "
                       "ledger)")
     show.add_argument("--ledger-dir", default="", help="ledger folder (default "
-                      "~/.mmfed/privacy-ledger)")
+                      "$MMFED_LEDGER_DIR, else ~/.mmfed/privacy-ledger)")
     show.add_argument("--delta", type=float, help="δ to report ε at (default: the ledger's)")
     show.add_argument("--accountant", choices=("rdp", "prv"), help="default: the ledger's")
 
@@ -180,7 +180,7 @@ def _add_deploy_parsers(sub: Any) -> None:
     cli.add_argument("--policy", type=Path, help="this site's privacy policy (TOML); "
                      "default: DP on, epsilon 8, delta 1e-5")
     cli.add_argument("--ledger-dir", type=Path, help="privacy ledger folder (default "
-                     "~/.mmfed/privacy-ledger)")
+                     "$MMFED_LEDGER_DIR, else ~/.mmfed/privacy-ledger)")
     cli.add_argument("--runtime-port", type=int, help="loopback port for the SuperNode's "
                      "app runtime (default: a free one)")
     cli.add_argument("--wait-admission", type=float, default=30.0, metavar="SECONDS",

@@ -33,17 +33,17 @@ DEFAULTS: dict[str, Value] = {
     "data.missing": [],  # synthesized cohort: whole modalities absent, "genomics@site-2"
     "data.val_fraction": 0.15,
     "model.fusion": "gated",
-    "model.embed_dim": 32,
-    "model.hidden": 64,
+    "model.embed_dim": 8,
+    "model.hidden": 16,
     "model.dropout": 0.1,
-    "model.image_channels": 8,
+    "model.image_channels": 4,
     # mask: an absent modality contributes nothing; zero_fill: the naive baseline that
     # feeds zeros as if they were data (for comparisons only)
     "model.missing": "mask",
-    "train.local_epochs": 1,
-    "train.batch_size": 32,
-    "train.lr": 0.001,
-    "train.weight_decay": 0.05,
+    "train.local_epochs": 4,
+    "train.batch_size": 128,
+    "train.lr": 0.005,
+    "train.weight_decay": 2.0,
     "train.class_weighting": "balanced",
     "train.modalities": list(MODALITY_NAMES),
     "train.modality_dropout": 0.0,  # chance of hiding each present modality per patient
@@ -63,14 +63,15 @@ DEFAULTS: dict[str, Value] = {
     # L2 bound on a site's update (new − global weights); 0 = no bound. Honest updates
     # on the default run measure 0.75-1.2 (1.0 with DP, 14-19 at 10x lr and 5 epochs).
     "aggregation.max_update_norm": 100.0,
-    # Off by default until DP utility meets the project's bar (see README, "Privacy").
-    "privacy.enabled": False,
+    # On by default: DP-SGD at ε = 8 per site costs the default federation about 0.016
+    # holdout AUROC (0.866 vs 0.881); --no-dp turns it off, with a warning every round.
+    "privacy.enabled": True,
     "privacy.epsilon": 8.0,
     "privacy.delta": 1e-5,
     "privacy.max_grad_norm": 1.0,
     "privacy.accountant": "rdp",
     "privacy.max_noise_multiplier": 10.0,
-    "privacy.grad_sample_mode": "ghost",
+    "privacy.grad_sample_mode": "hooks",
     "privacy.ledger_dir": "",  # empty: ~/.mmfed/privacy-ledger
     "secagg.enabled": True,
     "secagg.threshold": 0,  # 0: more than half of each share group

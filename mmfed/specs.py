@@ -18,13 +18,14 @@ class ModelSpec:
     """Architecture hyper-parameters (from the run config)."""
 
     fusion: str = "gated"
-    embed_dim: int = 32
-    hidden: int = 64
-    dropout: float = 0.1
-    image_channels: int = 8
+    embed_dim: int = 8
+    hidden: int = 16  # the head's hidden layer
+    dropout: float = 0.1  # the head's dropout (off under DP-SGD)
+    image_channels: int = 4
     cat_embed_dim: int = 4
-    genomics_hidden: int = 16  # narrow and heavily dropped out: 2,000 genes, few patients
-    genomics_dropout: float = 0.5
+    # 2,000 genes, few patients: very narrow, and without DP heavily dropped out
+    genomics_hidden: int = 4
+    genomics_dropout: float = 0.8
     missing: str = "mask"  # or "zero_fill": absent modalities fed as zeros (baseline only)
 
 
@@ -32,10 +33,10 @@ class ModelSpec:
 class TrainSpec:
     """Local optimisation settings (from the run config)."""
 
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.001
-    weight_decay: float = 0.05
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 0.005
+    weight_decay: float = 2.0
     class_weighting: str = "balanced"  # or "none"
     modalities: tuple[str, ...] = MODALITY_NAMES
     modality_dropout: float = 0.0  # chance of hiding each present modality per patient

@@ -176,7 +176,7 @@ def test_killed_site_process_continues_its_ledger(tmp_path: Path) -> None:
 def test_dp_federation_budget_rerun_and_tiny_budget_decline(tmp_path: Path) -> None:
     ledger_dir = tmp_path / "ledger"
     common = ["--no-progress", "--dp", "--set", f"privacy.ledger_dir={ledger_dir}",
-              "--set", "train.batch_size=16"]
+              "--set", "train.batch_size=16", "--set", "train.local_epochs=1"]
     proc = run_mmfed("data", "synth", "--out", tmp_path / "fed", "--sites", "2",
                      "--patients-per-site", "48", "--holdout", "30", "--genes", "40")
     assert proc.returncode == 0, proc.stderr

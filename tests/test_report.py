@@ -109,7 +109,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         env={**os.environ, **QUIET})
     try:
         proc = run_mmfed("simulate", "--data", data, "--rounds", "3", "--out", root / "fed",
-                         "--no-progress", timeout=400)
+                         "--no-progress", "--no-dp", timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]
         proc = run_mmfed("simulate", "--data", data, "--rounds", "2", "--out", root / "dp",
                          "--no-progress", "--dp", "--set",

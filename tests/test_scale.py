@@ -87,7 +87,7 @@ def test_twelve_sites_on_two_workers_each_train_on_their_own_data(tmp_path: Path
     reports its own training-set size (a worker serving several sites mixes none up)."""
     out = tmp_path / "run"
     proc = run_mmfed("simulate", "--sites", "12", "--rounds", "1", "--out", out,
-                     "--no-progress", "--set", "data.patients_per_site=20",
+                     "--no-progress", "--no-dp", "--set", "data.patients_per_site=20",
                      "--set", "data.holdout=20", "--set", "data.genes=50",
                      "--set", "secagg.neighbours=4", "--set", "federation.local_eval=false",
                      "--set", "simulation.cpus_per_site=1.0", timeout=300)

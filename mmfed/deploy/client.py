@@ -37,10 +37,10 @@ from mmfed.deploy.processes import (
     strip_ansi,
 )
 from mmfed.errors import ConfigError, DataError, MmfedError, UsageError
+from mmfed.privacy.ledger import ledger_dir
 from mmfed.toml_text import toml_string
 
 log = logging.getLogger("mmfed")
-DEFAULT_LEDGER = Path("~/.mmfed/privacy-ledger")
 NOT_ADMITTED = ("Failed to activate SuperNode", "code: 2004")
 
 
@@ -117,7 +117,7 @@ def plan_from_args(args: argparse.Namespace) -> ClientPlan:
     if args.policy is not None:
         policy = Path(args.policy).expanduser().resolve()
         load_policy(policy)  # refuse a bad policy now, not at the first round
-    ledger = Path(args.ledger_dir or DEFAULT_LEDGER).expanduser().resolve()
+    ledger = ledger_dir(args.ledger_dir or "").resolve()
     try:
         ledger.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

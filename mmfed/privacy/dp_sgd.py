@@ -1,8 +1,12 @@
 """Local DP-SGD with Opacus: per-sample clipping, Gaussian noise, Poisson sampling.
 
-Ghost clipping is the default because it never materialises per-sample gradients;
-when a model has a layer ghost clipping cannot handle, training falls back to
-Opacus's hook-based per-sample gradients and says so once.
+Opacus's hook-based per-sample gradients are the default (``privacy.grad_sample_mode
+= "hooks"``): the default model is small (about 12,000 parameters), so materialising
+per-sample gradients costs little, while ghost clipping pays for a second backward
+pass through the image encoder on every step: a DP step costs about 1.35x a plain one
+on one CPU thread with hooks, against about 1.65x with ghost clipping
+(``benchmarks/dp_overhead.py``). Ghost clipping stays available; when a
+model has a layer it cannot handle, training falls back to hooks and says so once.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +33,36 @@ from mmfed.training import (
 )
 
 log = logging.getLogger("mmfed")
+_SAMPLERS_REGISTERED = False
+
+
+def register_samplers() -> None:
+    """Tell Opacus the exact per-sample gradient of ``ModalityBias`` (once per process).
+
+    ``logits + bias`` has, for each patient, the output's gradient as its bias
+    gradient. Without this Opacus computes it with its generic vmap fallback, which
+    cost about a tenth of a DP step on the default model.
+    """
+    global _SAMPLERS_REGISTERED
+    if _SAMPLERS_REGISTERED:
+        return
+    from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+
+    from mmfed.model import ModalityBias
+
+    @register_grad_sampler(ModalityBias)
+    def _bias_grad_sample(layer: ModalityBias, activations: list[torch.Tensor],
+                          backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        return {layer.bias: backprops.reshape(backprops.shape[0], -1, layer.bias.numel())
+                .sum(dim=1)}
+
+    @register_norm_sampler(ModalityBias)
+    def _bias_norm_sample(layer: ModalityBias, activations: list[torch.Tensor],
+                          backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        grads = _bias_grad_sample(layer, activations, backprops)[layer.bias]
+        return {layer.bias: grads.norm(dim=1)}
+
+    _SAMPLERS_REGISTERED = True
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:
@@ -46,33 +82,65 @@ class DPResult:
     grad_sample_mode: str
 
 
-def _private(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]],
-             loss_fn: nn.Module, spec: TrainSpec, sigma: float, max_grad_norm: float,
-             mode: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module,
-                                            DataLoader[tuple[torch.Tensor, ...]]]:
+@contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """Train without dropout for the duration, then restore every rate.
+
+    DP-SGD's noise already regularises, and dropout on top makes each clipped
+    per-sample gradient noisier, which costs far more under DP than it gains: on the
+    default cohort (seeds 0 to 3) the DP federation's holdout AUROC was 0.847 on average
+    with the genes' input dropout and 0.864 without it, and genomics-only DP training
+    0.72 against 0.77. Without DP the same dropout is what keeps the 2,000-gene layer
+    from overfitting, so the model keeps it and DP-SGD turns it off.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    rates = [m.p for m in layers]
+    for m in layers:
+        m.p = 0.0
+    try:
+        yield
+    finally:
+        for m, p in zip(layers, rates, strict=True):
+            m.p = p
+
+
+def make_private(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]],
+                 loss_fn: nn.Module, spec: TrainSpec, sigma: float, max_grad_norm: float,
+                 mode: str, seed: int, poisson: bool = True
+                 ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module,
+                            DataLoader[tuple[torch.Tensor, ...]]]:
+    """Wrap model, optimiser, loss and loader for DP-SGD in one place.
+
+    Training and ``benchmarks/dp_overhead.py`` both call this, so the benchmark
+    measures exactly what a site runs. ``poisson=False`` (fixed batches) is for
+    benchmarks only: the privacy accounting assumes Poisson sampling.
+    """
     from opacus import PrivacyEngine
 
+    register_samplers()
     engine = PrivacyEngine(accountant="rdp")
     optimizer = make_optimizer(model, spec)
-    gen = torch.Generator().manual_seed(seed)
+    # Opacus draws the noise where the parameters live, and a generator only feeds
+    # draws on its own device: a CPU generator fails every CUDA step.
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if mode == "ghost":
             pmodel, popt, pcrit, ploader = engine.make_private(
                 module=model, optimizer=optimizer, criterion=loss_fn, data_loader=loader,
-                noise_multiplier=sigma, max_grad_norm=max_grad_norm, poisson_sampling=True,
-                grad_sample_mode="ghost", noise_generator=gen)
+                noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+                poisson_sampling=poisson, grad_sample_mode="ghost", noise_generator=gen)
             return pmodel, popt, pcrit, ploader
         pmodel, popt, ploader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+            max_grad_norm=max_grad_norm, poisson_sampling=poisson, grad_sample_mode=mode,
             noise_generator=gen)
-        return pmodel, popt, loss_fn, ploader
+    return pmodel, popt, loss_fn, ploader
 
 
 def train_private(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes: int,
                   sigma: float, max_grad_norm: float, seed: int,
-                  device: torch.device | None = None, mode: str = "ghost") -> DPResult:
+                  device: torch.device | None = None, mode: str = "hooks") -> DPResult:
     """Train ``model`` in place with DP-SGD; its plain state_dict holds the result."""
     device = device or torch.device("cpu")
     model.to(device)
@@ -83,17 +151,18 @@ def train_private(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes
     torch.manual_seed(seed)
     model.train()
     try:
-        pmodel, popt, pcrit, ploader = _private(model, loader, loss_fn, spec, sigma,
-                                                max_grad_norm, mode, seed)
+        pmodel, popt, pcrit, ploader = make_private(model, loader, loss_fn, spec, sigma,
+                                                    max_grad_norm, mode, seed)
     except (NotImplementedError, ValueError) as exc:
         if mode != "ghost":
             raise
         log.info("ghost clipping unavailable (%s); using per-sample gradient hooks", exc)
         mode = "hooks"
-        pmodel, popt, pcrit, ploader = _private(model, loader, loss_fn, spec, sigma,
-                                                max_grad_norm, mode, seed)
-    loss, _, draws = train_epochs(pmodel, ploader, popt, pcrit, spec.epochs, device,
-                                  spec.modality_dropout, seed)
+        pmodel, popt, pcrit, ploader = make_private(model, loader, loss_fn, spec, sigma,
+                                                    max_grad_norm, mode, seed)
+    with dropout_off(model):
+        loss, _, draws = train_epochs(pmodel, ploader, popt, pcrit, spec.epochs, device,
+                                      spec.modality_dropout, seed)
     close = getattr(pmodel, "_close", None)
     if callable(close):
         close()  # remove Opacus hooks from the caller's model

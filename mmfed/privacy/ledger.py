@@ -25,6 +25,9 @@ from mmfed.privacy.accounting import Event, epsilon_of
 from mmfed.rundir import atomic_write_bytes
 
 DEFAULT_LEDGER_DIR = Path("~/.mmfed/privacy-ledger")
+# Where the ledger lives when no config names one: lets a container image or a test
+# harness move every site's ledger at once without editing each config.
+LEDGER_ENV = "MMFED_LEDGER_DIR"
 FORMAT = "mmfed-privacy-ledger/1"
 
 
@@ -45,7 +48,9 @@ def site_fingerprint(folder: Path | str) -> str:
 
 
 def ledger_dir(configured: str) -> Path:
-    return Path(os.path.expanduser(configured or str(DEFAULT_LEDGER_DIR)))
+    """The configured folder, else ``$MMFED_LEDGER_DIR``, else ``~/.mmfed/privacy-ledger``."""
+    chosen = configured or os.environ.get(LEDGER_ENV, "") or str(DEFAULT_LEDGER_DIR)
+    return Path(os.path.expanduser(chosen))
 
 
 @dataclass(frozen=True)
