@@ -1,13 +1,17 @@
 """DP-SGD vs non-private training of the default model: per-step time and peak memory.
 
-One process, one run: the same model, data and batch size (64) are trained both ways,
-each for warm-up steps and then at least 20 timed steps; the figures are medians.
-Peak memory is the peak of the allocator on CUDA, and on the CPU the peak of bytes
-allocated through malloc above the level just before the timed steps (sampled every
-millisecond), i.e. what one training step needs beyond the model and data.
+One process, one run: the default model (``RunConfig()``'s model and optimiser) is
+trained both ways on the same data with the same batch size (64), each step exactly as
+a site runs it (``make_private`` and, under DP, dropout off). After warm-up the
+two are timed in alternation, one plain step then one DP step, so that load from
+other processes on a shared machine falls on both alike; the figures are medians of
+at least 20 steps each. Peak memory is measured afterwards, one mode at a time: the
+peak of the allocator on CUDA, and on the CPU the peak of bytes allocated through
+malloc above the level just before the measured steps (sampled every millisecond),
+i.e. what one training step needs beyond the model and data.
 
 Prints one JSON object as its last line, e.g.
-{"time_ratio": 2.1, "memory_ratio": 1.3, "device": "cpu", ...}
+{"time_ratio": 1.3, "memory_ratio": 1.2, "device": "cpu", ...}
 """
 
 from __future__ import annotations
@@ -19,15 +23,21 @@ import statistics
 import tempfile
 import threading
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from mmfed.config import RunConfig
 from mmfed.data import load_site
 from mmfed.data.synth import SynthSettings, synthesize
 from mmfed.features import encode, local_stats, merge_stats
 from mmfed.model import build_model
-from mmfed.training import TrainSpec, make_loss, make_optimizer, tensor_dataset
+from mmfed.privacy.dp_sgd import dropout_off, make_private
+from mmfed.training import make_loss, make_optimizer, tensor_dataset
+
+Step = Callable[[], None]
 
 
 class _MallInfo2(ctypes.Structure):
@@ -47,7 +57,7 @@ def heap_bytes() -> int:
 
 
 class PeakMemory:
-    """Peak memory above the level at entry (CUDA allocator, or sampled RSS)."""
+    """Peak memory above the level at entry (CUDA allocator, or sampled malloc)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -79,100 +89,118 @@ class PeakMemory:
             self._thread.join()
 
 
-def timed_steps(step, n: int, device: torch.device) -> list[float]:
-    times = []
-    for _ in range(n):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
+def timed(step: Step, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this thread) for one step.
+
+    On a CPU shared with other jobs the wall time includes waiting for a core; the
+    thread's CPU time does not, so its ratio is the steadier of the two. On CUDA only
+    the wall time means anything.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.thread_time()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.thread_time() - c0
+
+
+def peak_memory(step: Step, n: int, device: torch.device) -> int:
+    with PeakMemory(device) as mem:
+        for _ in range(n):
+            step()
+    return mem.peak
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--mode", default="ghost", choices=("ghost", "hooks"))
+    parser.add_argument("--mode", default=None, choices=("ghost", "hooks"),
+                        help="Opacus grad_sample_mode (default: the run config's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
+    cfg = RunConfig()
+    mode = args.mode or cfg["privacy.grad_sample_mode"]
     with tempfile.TemporaryDirectory() as tmp:
-        synthesize(Path(tmp) / "fed", SynthSettings(sites=1, patients_per_site=600, seed=0))
+        # at least four distinct batches whatever the batch size
+        synthesize(Path(tmp) / "fed", SynthSettings(
+            sites=1, patients_per_site=max(600, 5 * args.batch_size), seed=0))
         site = load_site(Path(tmp) / "fed" / "site-1")
     schema = merge_stats([local_stats(site)])
     enc = encode(site, schema)
     data = tensor_dataset(enc)
-    spec = TrainSpec(batch_size=args.batch_size)
+    spec = cfg.train_spec()
     bs = args.batch_size
     batches = [tuple(t[i:i + bs].to(device) for t in data.tensors)
                for i in range(0, len(enc) - bs + 1, bs)]
 
-    def plain_phase() -> tuple[list[float], int]:
-        model = build_model(schema, seed=0).to(device)
-        opt = make_optimizer(model, spec)
-        loss_fn = make_loss(enc.labels, 2, spec).to(device)
-        it = iter(range(10**9))
+    def stepper(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                loss_fn: torch.nn.Module) -> Step:
+        position = [0]
 
         def step() -> None:
-            *x, y = batches[next(it) % len(batches)]
+            *x, y = batches[position[0] % len(batches)]
+            position[0] += 1
             opt.zero_grad(set_to_none=True)
             loss_fn(model(*x), y).backward()
             opt.step()
 
-        timed_steps(step, args.warmup, device)
-        with PeakMemory(device) as mem:
-            times = timed_steps(step, args.steps, device)
-        return times, mem.peak
-
-    def dp_phase() -> tuple[list[float], int]:
-        from opacus import PrivacyEngine
-
-        model = build_model(schema, seed=0).to(device)
-        opt = make_optimizer(model, spec)
-        loss_fn = make_loss(enc.labels, 2, spec).to(device)
-        loader = torch.utils.data.DataLoader(data, batch_size=bs)
-        engine = PrivacyEngine()
-        kwargs = dict(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
-                      max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=args.mode)
-        if args.mode == "ghost":
-            pmodel, popt, pcrit, _ = engine.make_private(criterion=loss_fn, **kwargs)
-        else:
-            pmodel, popt, _ = engine.make_private(**kwargs)
-            pcrit = loss_fn
-        it = iter(range(10**9))
-
-        def step() -> None:
-            *x, y = batches[next(it) % len(batches)]
-            popt.zero_grad(set_to_none=True)
-            pcrit(pmodel(*x), y).backward()
-            popt.step()
-
-        timed_steps(step, args.warmup, device)
-        with PeakMemory(device) as mem:
-            times = timed_steps(step, args.steps, device)
-        return times, mem.peak
-
-    import warnings
+        return step
 
     warnings.filterwarnings("ignore")
-    plain_t, plain_m = plain_phase()
-    dp_t, dp_m = dp_phase()
+    plain_model = build_model(schema, cfg.model_spec(), seed=0).to(device)
+    plain = stepper(plain_model, make_optimizer(plain_model, spec),
+                    make_loss(enc.labels, 2, spec).to(device))
+    dp_model = build_model(schema, cfg.model_spec(), seed=0).to(device)
+    loader = torch.utils.data.DataLoader(data, batch_size=bs)
+    # The same wrapping as a site's DP training, with fixed (not Poisson) batches so
+    # both modes see identical batch shapes.
+    pmodel, popt, pcrit, _ = make_private(
+        dp_model, loader, make_loss(enc.labels, 2, spec).to(device), spec, sigma=1.0,
+        max_grad_norm=cfg["privacy.max_grad_norm"], mode=mode, seed=0, poisson=False)
+    dp_step = stepper(pmodel, popt, pcrit)
+
+    def private() -> None:
+        with dropout_off(dp_model):  # as a site's DP training runs (train_private)
+            dp_step()
+
+    for _ in range(args.warmup):
+        plain()
+        private()
+    plain_t: list[float] = []
+    dp_t: list[float] = []
+    plain_c: list[float] = []
+    dp_c: list[float] = []
+    for _ in range(args.steps):
+        wall, cpu = timed(plain, device)
+        plain_t.append(wall)
+        plain_c.append(cpu)
+        wall, cpu = timed(private, device)
+        dp_t.append(wall)
+        dp_c.append(cpu)
+    plain_m = peak_memory(plain, 5, device)
+    dp_m = peak_memory(private, 5, device)
     result = {
         "time_ratio": round(statistics.median(dp_t) / statistics.median(plain_t), 3),
         "memory_ratio": round(max(dp_m, 1) / max(plain_m, 1), 3),
         "device": device.type,
         "batch_size": bs,
-        "grad_sample_mode": args.mode,
+        "grad_sample_mode": mode,
         "median_step_ms": {"plain": round(1000 * statistics.median(plain_t), 2),
                            "dp": round(1000 * statistics.median(dp_t), 2)},
+        "min_step_ms": {"plain": round(1000 * min(plain_t), 2),
+                        "dp": round(1000 * min(dp_t), 2)},
+        "cpu_time_ratio": round(statistics.median(dp_c) / statistics.median(plain_c), 3),
+        "median_step_cpu_ms": {"plain": round(1000 * statistics.median(plain_c), 2),
+                               "dp": round(1000 * statistics.median(dp_c), 2)},
         "peak_memory_mb": {"plain": round(plain_m / 2**20, 2), "dp": round(dp_m / 2**20, 2)},
+        "trainable_parameters": sum(p.numel() for p in plain_model.parameters()
+                                    if p.requires_grad),
         "steps": args.steps,
     }
     print(json.dumps(result))

@@ -67,6 +67,17 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "torch": torch.__version__, "gpu": gpu}
 
 
+def code_version() -> str:
+    """The commit measured, with "+changes" when the working tree differed from it."""
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no")
+                     else "")
+
+
 def run_bench(bench: Bench, timeout: float) -> dict[str, Any]:
     """One benchmark as a subprocess; its last stdout line must be a JSON object."""
     started = time.perf_counter()
@@ -78,7 +89,8 @@ def run_bench(bench: Bench, timeout: float) -> dict[str, Any]:
         return {"command": bench.command, "error": f"timed out after {timeout:.0f}s"}
     seconds = round(time.perf_counter() - started, 1)
     entry: dict[str, Any] = {"command": bench.command, "wall_seconds": seconds,
-                             "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine()}
+                             "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+                             "code": code_version()}
     lines = proc.stdout.strip().splitlines()
     try:
         if proc.returncode != 0 or not lines:
@@ -136,8 +148,12 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"SecAgg+, {cell['neighbours']} neighbours"
         if cell:
             rs = cell["round_seconds"]
-            rows.append((f"secure / plaintext round time, {n} sites ({kind})",
-                         f"**{cell['time_ratio']}×** ({rs['plain']} s → {rs['secure']} s)",
+            value = f"**{cell['time_ratio']}×** ({rs['plain']} s → {rs['secure']} s)"
+            if "cpu_ratio" in cell:
+                cs = cell["round_cpu_seconds"]
+                value += (f"; CPU time **{cell['cpu_ratio']}×** ({cs['plain']} → "
+                          f"{cs['secure']} CPU-s)")
+            rows.append((f"secure / plaintext round time, {n} sites ({kind})", value,
                          bench.command))
         else:
             rows.append((f"secure / plaintext round time, {n} sites", _missing(results, bench),
@@ -175,13 +191,21 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows.append(("simulation round time vs sites: least-squares slope", value, bench.command))
 
     bench, r = by_name["deployment_round"], _get(results, "deployment_round")
-    if r:
-        shown = ", ".join(f"{k} {v}" for k, v in r.items() if isinstance(v, int | float))
-        value = shown or json.dumps(r)[:200]
+    if r and {"simulation", "deployment"} <= set(r):
+        sim, dep = r["simulation"], r["deployment"]
+        stages = ("secagg_share", "secagg_mask", "secagg_unmask")
+        sim_sa, dep_sa = (round(sum(x.get(k, 0.0) for k in stages), 2) for x in (sim, dep))
+        value = (f"round **{dep['round']} s** deployed vs {sim['round']} s simulated "
+                 f"(**+{round(dep['round'] - sim['round'], 2)} s per round**, "
+                 f"{r.get('ratio', {}).get('round', '?')}×); train {dep['train']} vs "
+                 f"{sim['train']} s; the three secure-aggregation stages {dep_sa} vs "
+                 f"{sim_sa} s (3 sites, DP + secure aggregation)")
+    elif r:
+        value = json.dumps(r)[:200]
     else:
         value = _missing(results, bench)
-    rows.append(("deployment per-round overhead (real SuperLink/SuperNodes vs simulation)",
-                 value, bench.command))
+    rows.append(("deployment per-round overhead (real server and client processes on "
+                 "loopback vs simulation)", value, bench.command))
 
     bench, r = by_name["utility"], _get(results, "utility")
     if r:
@@ -216,9 +240,13 @@ def render_table(results: dict[str, Any]) -> str:
                    if isinstance(e, dict) and e.get("date")})
     machines = {json.dumps(e["machine"], sort_keys=True) for e in results.values()
                 if isinstance(e, dict) and e.get("machine")}
+    codes = sorted({str(e["code"]) for e in results.values()
+                    if isinstance(e, dict) and e.get("code")})
     note = ""
     if when:
         note += f"\n\nRun {when[0]}" + (f" to {when[-1]}" if len(when) > 1 else "")
+    if codes:
+        note += f" on commit {', '.join(codes)}"
     for m in sorted(machines):
         spec = json.loads(m)
         note += (f"; {spec['cpus']} CPUs, {spec['platform']}, Python {spec['python']}, "

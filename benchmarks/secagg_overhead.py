@@ -1,16 +1,20 @@
 """Round time with and without secure aggregation, in one run, at 5, 20 and 100 sites.
 
 Each configuration runs a real simulated federation (Ray, Flower messages, the default
-model) on the same synthetic cohort; the figure per configuration is the median round
-time over rounds 2..R (round 1 pays Ray and import warm-up). A size written ``N:K``
-runs SecAgg+ with K neighbours per site instead of all-to-all SecAgg (the default is
-``5 20 100:8``: a 100-site federation would not run all-to-all). Prints one JSON object
+model, no DP so that only secure aggregation differs) on the same synthetic cohort.
+The figures per configuration are the median round time over rounds 2..R (round 1
+pays Ray and import warm-up) and the CPU seconds the run's whole process tree used
+per round (median of the same rounds), which other jobs on a shared machine do not
+inflate as they do wall time. A size written ``N:K`` runs SecAgg+ with K neighbours
+per site instead of all-to-all SecAgg (the default is ``5 20 100:8``: a 100-site
+federation would not run all-to-all). Prints one JSON object
 as its last line: {"5": {"time_ratio": ..., "bytes_per_site": ..., "model_bytes": ...}, ...}
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -18,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from sim_scaling import TreeSampler  # same folder: the process-tree CPU and memory sampler
 
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
@@ -30,11 +36,21 @@ def mmfed(*args: str) -> None:
         sys.exit(f"mmfed {' '.join(args[:2])} failed: {proc.stderr.strip()[-500:]}")
 
 
-def run(data: Path, out: Path, rounds: int, secure: bool, neighbours: int) -> list[dict]:
-    mmfed("simulate", "--data", str(data), "--out", str(out), "--rounds", str(rounds),
-          "--no-progress", "--secagg" if secure else "--no-secagg",
-          "--set", f"secagg.neighbours={neighbours}")
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+def run(data: Path, out: Path, rounds: int, secure: bool, neighbours: int
+        ) -> tuple[list[dict], float]:
+    """(metrics lines, median CPU seconds per round over rounds 2..R of the whole run)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mmfed.cli", "simulate", "--data", str(data),
+                             "--out", str(out), "--rounds", str(rounds), "--no-progress",
+                             "--secagg" if secure else "--no-secagg", "--no-dp",
+                             "--set", f"secagg.neighbours={neighbours}"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = TreeSampler(proc.pid, out / "metrics.jsonl", interval=0.1, memory=False)
+    _, err = proc.communicate()
+    sampler.stop()
+    if proc.returncode != 0:
+        sys.exit(f"mmfed simulate failed: {err.strip()[-500:]}")
+    cpu = statistics.median(b - a for a, b in itertools.pairwise(sampler.round_cpu))
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], cpu
 
 
 def main() -> None:
@@ -54,8 +70,10 @@ def main() -> None:
             data = Path(tmp) / f"fed-{n}"
             mmfed("data", "synth", "--out", str(data), "--sites", str(n),
                   "--patients-per-site", str(args.patients_per_site), "--holdout", "200")
-            plain = run(data, Path(tmp) / f"plain-{n}", args.rounds, False, neighbours)
-            secure = run(data, Path(tmp) / f"secure-{n}", args.rounds, True, neighbours)
+            plain, cpu_plain = run(data, Path(tmp) / f"plain-{n}", args.rounds, False,
+                                   neighbours)
+            secure, cpu_secure = run(data, Path(tmp) / f"secure-{n}", args.rounds, True,
+                                     neighbours)
             model = torch.load(Path(tmp) / f"plain-{n}" / "model.pt", weights_only=False)
             model_bytes = sum(v.numel() * 4 for v in model["state_dict"].values())
             t_plain = statistics.median(x["seconds"]["round"] for x in plain[1:])
@@ -67,6 +85,9 @@ def main() -> None:
             results[str(n)] = {"time_ratio": round(t_secure / t_plain, 3),
                                "round_seconds": {"plain": round(t_plain, 2),
                                                  "secure": round(t_secure, 2)},
+                               "cpu_ratio": round(cpu_secure / cpu_plain, 3),
+                               "round_cpu_seconds": {"plain": round(cpu_plain, 2),
+                                                     "secure": round(cpu_secure, 2)},
                                "secagg_stage_seconds": stages,
                                "bytes_per_site": int(per_site), "model_bytes": model_bytes,
                                "bytes_ratio": round(per_site / model_bytes, 4),

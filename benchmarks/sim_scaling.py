@@ -84,8 +84,9 @@ class TreeSampler:
     round's wall time also counts other people's jobs, its CPU time only this run's.
     """
 
-    def __init__(self, pid: int, metrics: Path, interval: float = 0.5) -> None:
-        self.pid, self.metrics, self.interval = pid, metrics, interval
+    def __init__(self, pid: int, metrics: Path, interval: float = 0.5,
+                 memory: bool = True) -> None:
+        self.pid, self.metrics, self.interval, self.memory = pid, metrics, interval, memory
         self.peak, self.peak_processes = 0, 0
         self.cpu: dict[int, float] = {}  # last seen CPU seconds of every process
         self.round_cpu: list[float] = []  # tree CPU seconds when each round was written
@@ -102,7 +103,7 @@ class TreeSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             pids = process_tree(self.pid)
-            total = sum(pss_bytes(p) for p in pids)
+            total = sum(pss_bytes(p) for p in pids) if self.memory else 0
             if total > self.peak:
                 self.peak, self.peak_processes = total, len(pids)
             for p in pids:

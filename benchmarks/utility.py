@@ -48,7 +48,7 @@ def main() -> None:
         data = root / "fed"
         mmfed("data", "synth", "--out", str(data), "--sites", "3", "--seed", str(args.seed))
         common = ["--data", str(data), "--seed", str(args.seed), *device]
-        mmfed("simulate", *common, "--out", str(root / "fed-run"), "--no-progress")
+        mmfed("simulate", *common, "--out", str(root / "fed-run"), "--no-progress", "--no-dp")
         mmfed("simulate", *common, "--out", str(root / "fed-dp-run"), "--no-progress", "--dp",
               "--set", f"privacy.ledger_dir={root / 'ledger'}")
         mmfed("centralized", *common, "--out", str(root / "central-run"))
