@@ -46,7 +46,7 @@ def non_default() -> RunConfig:
         "secagg.neighbours": 4, "secagg.clip_range": 0.5, "secagg.count_cap": 500,
         "faults.drop": ["site-1:2:mask"], "faults.corrupt": ["site-2:1:nan"],
         "train.modality_dropout": 0.3, "train.device": "cuda:1",
-        "aggregation.modality_aware": True, "aggregation.rule": "median",
+        "aggregation.modality_aware": False, "aggregation.rule": "median",
         "aggregation.trim_fraction": 0.2, "model.missing": "zero_fill",
         "data.missing": ["genomics@site-2"], "aggregation.max_update_norm": 50.0,
     })

@@ -74,19 +74,21 @@ def test_disease_module_genes_rank_above_random_genes(
     assert result["method"]["genomics"] == {"genes_permuted": 2000, "screened": False}
     # AUROC drop: per-gene effects are a few 1e-4 and AUROC moves
     # in steps, so the ranking is noisy; measured 10-16 of the top 20 across seeds
-    # (chance: 0.4; 15 with DP on). The mean effect separates cleanly (2.4-4.2e-4 vs
-    # about -1e-5; with DP 3.8e-4 vs -3e-6).
+    # (chance: 0.4; 15 with DP on). The mean effect separates: 2.4-4.2e-4 vs about
+    # -1e-5 without DP; with DP 3.8e-4 vs -3e-6, and 2.2e-4 vs -1.4e-4 with DP and
+    # modality-aware aggregation (the defaults). The unrelated genes' mean is itself
+    # noise of order 1e-4, so the check is on the difference.
     drop = result["feature_importance"]["genomics"]["auroc_drop"]
     assert len(drop) == 2000
     mean_disease = np.mean([drop[g] for g in disease])
     mean_random = np.mean([v for g, v in drop.items() if g not in modules])
-    assert mean_disease > 1e-4 and mean_disease > 10 * abs(mean_random), (mean_disease,
-                                                                            mean_random)
+    assert mean_disease > 1e-4 and mean_disease - mean_random > 2e-4, (mean_disease,
+                                                                         mean_random)
     assert sum(g in disease for g in _ranked(drop)[:20]) >= 8
     # Log-loss increase: smooth, so the same permutations rank the planted genes well.
     # Without DP: 20/20 of the top 20 and 40/40 of the top 40 for every seed tried; with
-    # DP on (the default, ε = 8) seed 0 gives 20/20 and 31/40 (chance: 0.2 and 0.8): the
-    # noisy genomic layer learns the strongest disease genes, not all 40.
+    # DP on (the default, ε = 8) seed 0 gives 20/20 and 31-32/40 (chance: 0.2 and 0.8):
+    # the noisy genomic layer learns the strongest disease genes, not all 40.
     loss = result["feature_importance"]["genomics"]["loss_increase"]
     ranked = _ranked(loss)
     assert sum(g in disease for g in ranked[:20]) >= 18

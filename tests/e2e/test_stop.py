@@ -51,7 +51,10 @@ def test_sigterm_stops_server_and_all_its_processes(setup: Path) -> None:
                          "--ledger-dir", setup / "ledger", "--wait-server", "120")
         wait_for_text(server, "started run", 180)
         wait_for_text(client, "connected to", 120)  # the run now waits for a second site
-        assert h.marked_running("flower-superlink") and h.marked_running("flwr-serverapp")
+        # SuperExec starts the ServerApp process a poll after the run is submitted: on a
+        # loaded machine that can come after the client connected.
+        wait_until(lambda: bool(h.marked_running("flower-superlink")
+                                and h.marked_running("flwr-serverapp")), 60, server)
         public = public_paths(port)
         code = h.stop(server, timeout=60)
         (supernode,) = h.marked_running("flower-supernode")
