@@ -11,6 +11,7 @@ before any per-test fixture, so the process also gets a folder of its own at sta
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,9 +19,18 @@ import pytest
 
 from mmfed.privacy.ledger import LEDGER_ENV
 
+_SESSION_LEDGER = ""
+
 
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ[LEDGER_ENV] = tempfile.mkdtemp(prefix="mmfed-test-ledger-")
+    global _SESSION_LEDGER
+    _SESSION_LEDGER = tempfile.mkdtemp(prefix="mmfed-test-ledger-")
+    os.environ[LEDGER_ENV] = _SESSION_LEDGER
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_LEDGER:
+        shutil.rmtree(_SESSION_LEDGER, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
