@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import statistics
@@ -26,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
-MMFED = [sys.executable, "-m", "mmfed.cli"]
+from bench_env import ENV, MMFED  # same folder
+
 STAGES = ("round", "train", "secagg_share", "secagg_mask", "secagg_unmask", "evaluate")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -23,9 +22,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
-MMFED = [sys.executable, "-m", "mmfed.cli"]
+from bench_env import mmfed  # same folder
 
 
 class GpuProcesses:
@@ -54,10 +51,6 @@ class GpuProcesses:
         return len(self.pids)
 
 
-def mmfed(*args: str) -> None:
-    proc = subprocess.run([*MMFED, *args], env=ENV, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"mmfed {' '.join(args[:2])} failed: {proc.stderr.strip()[-800:]}")
 
 
 def simulate(data: Path, out: Path, device: str, rounds: int, ledger: Path) -> dict:

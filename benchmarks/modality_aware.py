@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import tomllib
 from pathlib import Path
 
+from bench_env import mmfed  # same folder
+
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
 ARMS = {
     "aware": ["--set", "model.missing=mask", "--set", "aggregation.modality_aware=true"],
     "zero_fill": ["--set", "model.missing=zero_fill",
@@ -38,11 +35,6 @@ ARMS = {
 }
 
 
-def mmfed(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "mmfed.cli", *args], env=ENV,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"mmfed {' '.join(args[:2])} failed: {proc.stderr.strip()[-800:]}")
 
 
 def synth(config: Path, seed: int, out: Path) -> None:

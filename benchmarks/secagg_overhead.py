@@ -16,24 +16,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from bench_env import ENV, mmfed  # same folder
 from sim_scaling import TreeSampler  # same folder: the process-tree CPU and memory sampler
-
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
-
-
-def mmfed(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "mmfed.cli", *args], env=ENV,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"mmfed {' '.join(args[:2])} failed: {proc.stderr.strip()[-500:]}")
 
 
 def run(data: Path, out: Path, rounds: int, secure: bool, neighbours: int

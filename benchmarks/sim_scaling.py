@@ -27,9 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
-MMFED = [sys.executable, "-m", "mmfed.cli"]
+from bench_env import ENV, MMFED, mmfed  # same folder
 
 
 def _children() -> dict[int, list[int]]:
@@ -117,10 +115,6 @@ class TreeSampler:
         self._thread.join()
 
 
-def mmfed(*args: str) -> None:
-    proc = subprocess.run([*MMFED, *args], env=ENV, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"mmfed {' '.join(args[:2])} failed: {proc.stderr.strip()[-800:]}")
 
 
 def simulate(args: list[str], metrics: Path) -> TreeSampler:

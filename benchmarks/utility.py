@@ -13,22 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
-
-
-def mmfed(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "mmfed.cli", *args], env=ENV,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"mmfed {' '.join(args[:2])} failed: {proc.stderr.strip()[-800:]}")
+from bench_env import mmfed  # same folder
 
 
 def final(run: Path) -> dict:

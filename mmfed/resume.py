@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mmfed.config import RunConfig
-from mmfed.errors import DataError
+from mmfed.errors import DataError, UsageError
 from mmfed.features import FeatureSchema
 from mmfed.privacy.releases import state_hash
 from mmfed.rundir import atomic_write_bytes
@@ -119,6 +119,15 @@ def truncate_metrics(run: Path, point: ResumePoint | None) -> None:
         match = CHECKPOINT.match(path.name)
         if match and int(match.group(1)) > k:
             path.unlink()
+
+
+def refuse_run_flags(flags: tuple[tuple[str, object], ...]) -> None:
+    """A resumed run takes everything from its own config.toml, so any flag that would
+    shape a run (given as ``(flag, value)``; unset values are falsy) contradicts it."""
+    given = [flag for flag, value in flags if value]
+    if given:
+        raise UsageError(f"--resume continues a run with its own config.toml; drop "
+                         f"{', '.join(given)}")
 
 
 def load_run_config(run: Path) -> RunConfig:

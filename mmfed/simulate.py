@@ -162,17 +162,17 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
 
 def resume_simulation(run_path: Path, args: argparse.Namespace) -> int:
     """``mmfed simulate --resume RUN``: continue a crashed run after its last full round."""
-    from mmfed.resume import find_resume_point, load_run_config, truncate_metrics
+    from mmfed.resume import (
+        find_resume_point,
+        load_run_config,
+        refuse_run_flags,
+        truncate_metrics,
+    )
 
-    given = [flag for flag, value in (("--config", args.config), ("--data", args.data),
-                                      ("--seed", args.seed), ("--out", args.out),
-                                      ("--sites", args.sites), ("--rounds", args.rounds),
-                                      ("--set", args.overrides), ("--dp", args.dp),
-                                      ("--no-dp", args.no_dp), ("--secagg", args.secagg),
-                                      ("--no-secagg", args.no_secagg)) if value]
-    if given:
-        raise UsageError(f"--resume continues a run with its own config.toml; drop "
-                         f"{', '.join(given)}")
+    refuse_run_flags((("--config", args.config), ("--data", args.data), ("--seed", args.seed),
+                      ("--out", args.out), ("--sites", args.sites), ("--rounds", args.rounds),
+                      ("--set", args.overrides), ("--dp", args.dp), ("--no-dp", args.no_dp),
+                      ("--secagg", args.secagg), ("--no-secagg", args.no_secagg)))
     run_path = run_path.resolve()
     cfg = load_run_config(run_path)
     validate_federation(Path(cfg["data.dir"]))

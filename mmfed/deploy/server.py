@@ -68,15 +68,12 @@ def plan_from_args(args: argparse.Namespace) -> ServerPlan:
 
     resume = getattr(args, "resume", None)
     if resume:
-        from mmfed.resume import load_run_config
+        from mmfed.resume import load_run_config, refuse_run_flags
 
-        given = [flag for flag, value in (("--config", args.config), ("--data", args.data),
-                                          ("--seed", args.seed), ("--rounds", args.rounds),
-                                          ("--set", args.overrides), ("--out", args.out),
-                                          ("--sites", args.sites)) if value]
-        if given:
-            raise UsageError(f"--resume continues a run with its own config.toml; drop "
-                             f"{', '.join(given)}")
+        refuse_run_flags((("--config", args.config), ("--data", args.data),
+                          ("--seed", args.seed), ("--rounds", args.rounds),
+                          ("--set", args.overrides), ("--out", args.out),
+                          ("--sites", args.sites)))
         cfg = load_run_config(Path(resume).resolve())
         args.sites = int(cfg["data.sites"])
         args.out = Path(resume)
