@@ -49,12 +49,20 @@ class OrderStatisticPool(nn.Module):
         reference = [normal.inv_cdf(min(max(q, 1e-3), 1 - 1e-3)) for q in levels]
         # Not persistent: derived from constants, so never sent, averaged or saved.
         self.register_buffer("reference", torch.tensor(reference), persistent=False)
+        # Rank positions per (pixel count, device), made once: indexing with a Python
+        # list copies it to the device on every call, which on CUDA waits for the GPU.
+        self._ranks: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(1)
-        n = flat.shape[1]
-        ranks = [min(n - 1, round(q * (n - 1))) for q in self.levels]
-        return flat.sort(dim=1).values[:, ranks] - self.reference
+        key = (flat.shape[1], flat.device)
+        ranks = self._ranks.get(key)
+        if ranks is None:
+            n = flat.shape[1]
+            ranks = torch.tensor([min(n - 1, round(q * (n - 1))) for q in self.levels],
+                                 device=flat.device)
+            self._ranks[key] = ranks
+        return flat.sort(dim=1).values.index_select(1, ranks) - self.reference
 
 
 class ImageEncoder(nn.Module):
