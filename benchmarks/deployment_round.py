@@ -7,7 +7,7 @@ plus three ``mmfed client`` processes on loopback (plain-text transport to keep 
 of the timing; TLS is exercised in tests/e2e). The figures are the medians over rounds
 2..R of each stage from ``metrics.jsonl``, plus the cold-start cost of a ClientApp
 process, which Flower pays for every message in deployment: importing the handler
-module (``mmfed.client_app``: no torch, no pandas) and, for training, torch + opacus.
+module (``mmfed.site.app``: no torch, no pandas) and, for training, torch + opacus.
 
 Last line: one JSON object with both breakdowns and the deployment/simulation ratios.
 """
@@ -85,7 +85,7 @@ def main() -> None:
     common = ["--set", "privacy.enabled=true", "--set", "federation.local_eval=false",
               "--set", "federation.round_timeout=600"]
     result: dict[str, object] = {
-        "import_seconds": {"mmfed.client_app": import_seconds("import mmfed.client_app"),
+        "import_seconds": {"mmfed.site.app": import_seconds("import mmfed.site.app"),
                            "torch+opacus": import_seconds("import torch, opacus")}}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "fed"

@@ -32,10 +32,10 @@ import torch
 from mmfed.config import RunConfig
 from mmfed.data import load_site
 from mmfed.data.synth import SynthSettings, synthesize
-from mmfed.features import encode, local_stats, merge_stats
-from mmfed.model import build_model
+from mmfed.ml.features import encode, local_stats, merge_stats
+from mmfed.ml.model import build_model
+from mmfed.ml.training import make_loss, make_optimizer, tensor_dataset
 from mmfed.privacy.dp_sgd import dropout_off, make_private
-from mmfed.training import make_loss, make_optimizer, tensor_dataset
 
 Step = Callable[[], None]
 

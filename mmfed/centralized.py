@@ -15,8 +15,8 @@ import numpy as np
 
 from mmfed.config import RunConfig
 from mmfed.data.reader import load_site
-from mmfed.features import EncodedSite, encode, local_stats, merge_stats, split_indices
-from mmfed.rundir import RunDir
+from mmfed.ml.features import EncodedSite, encode, local_stats, merge_stats, split_indices
+from mmfed.run.rundir import RunDir
 from mmfed.simulate import default_out, prepare_run
 
 
@@ -38,10 +38,10 @@ def pooled_training_data(cfg: RunConfig) -> tuple[Any, EncodedSite, EncodedSite]
 
 def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, Any]:
 
-    from mmfed.device import resolve_device
-    from mmfed.model import build_model
-    from mmfed.site_runtime import limit_threads, site_seed
-    from mmfed.training import evaluate, train_local
+    from mmfed.ml.device import resolve_device
+    from mmfed.ml.model import build_model
+    from mmfed.ml.training import evaluate, train_local
+    from mmfed.site.runtime import limit_threads, site_seed
 
     limit_threads()
     started = time.perf_counter()
@@ -79,17 +79,17 @@ def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, A
 
 
 def centralized_from_args(args: argparse.Namespace) -> int:
-    from mmfed.progress import Progress
+    from mmfed.run.progress import Progress
 
     extra = {"seed": args.seed, "data.dir": str(args.data) if args.data else None}
     cfg = RunConfig.load(args.config, args.overrides, extra)
-    from mmfed.device import resolve_device
+    from mmfed.ml.device import resolve_device
 
     resolve_device(cfg["train.device"])  # a missing GPU is one line, before any work
     out = args.out or (Path(cfg["out"]) if cfg["out"] else default_out("centralized"))
     cfg, run = prepare_run(cfg, out)
     epochs = cfg["rounds"] * cfg["train.local_epochs"]
-    from mmfed.tracking import TensorBoardLog, chain
+    from mmfed.run.tracking import TensorBoardLog, chain
 
     tensorboard = TensorBoardLog(run.path)
     try:

@@ -244,7 +244,7 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from mmfed.explain import explain_from_args
+    from mmfed.report.explain import explain_from_args
 
     return explain_from_args(args)
 

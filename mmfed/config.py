@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfed.errors import ConfigError
-from mmfed.specs import FUSIONS, MODALITY_NAMES, ModelSpec, TrainSpec
+from mmfed.ml.specs import FUSIONS, MODALITY_NAMES, ModelSpec, TrainSpec
 from mmfed.toml_text import toml_value
 
 Value = bool | int | float | str | list[str]

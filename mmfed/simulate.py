@@ -19,8 +19,8 @@ from typing import Any
 from mmfed.config import RunConfig
 from mmfed.data.reader import list_sites, read_site
 from mmfed.errors import DataError, UsageError
-from mmfed.resume import ResumePoint
-from mmfed.rundir import RunDir
+from mmfed.run.resume import ResumePoint
+from mmfed.run.rundir import RunDir
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -54,7 +54,7 @@ def validate_federation(root: Path) -> list[Path]:
 def check_secagg_settings(cfg: RunConfig, n_sites: int) -> None:
     """Refuse impossible secure-aggregation settings before anything starts."""
     from mmfed.secagg import SecAggError
-    from mmfed.secure_rounds import secagg_params
+    from mmfed.server.secure import secagg_params
 
     if n_sites < 2:
         raise UsageError("secure aggregation needs at least 2 sites (a single site's "
@@ -120,9 +120,9 @@ def ray_backend_config(cfg: RunConfig, debug: bool = False) -> dict[str, Any]:
     Flower runs one actor per ``simulation.cpus_per_site`` CPUs and sends every site's
     messages to whichever actor is free, so the number of processes (and their memory)
     depends on the machine, not on the number of sites. On CUDA each actor also asks
-    for its share of the GPUs (see ``mmfed.device.simulation_gpus``).
+    for its share of the GPUs (see ``mmfed.ml.device.simulation_gpus``).
     """
-    from mmfed.device import simulation_gpus
+    from mmfed.ml.device import simulation_gpus
 
     cpus = float(cfg["simulation.cpus_per_site"])
     total_cpus = max(int(os.cpu_count() or 1), math.ceil(cpus))
@@ -143,9 +143,9 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
 
     quiet_flower(debug)  # after the import: flwr sets its logger up when imported
 
-    from mmfed.client_app import app as client_app
-    from mmfed.progress import Progress
-    from mmfed.server_app import make_server_app
+    from mmfed.run.progress import Progress
+    from mmfed.server.app import make_server_app
+    from mmfed.site.app import app as client_app
 
     n_sites = int(cfg["data.sites"])
     backend = ray_backend_config(cfg, debug)
@@ -162,7 +162,7 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
 
 def resume_simulation(run_path: Path, args: argparse.Namespace) -> int:
     """``mmfed simulate --resume RUN``: continue a crashed run after its last full round."""
-    from mmfed.resume import (
+    from mmfed.run.resume import (
         find_resume_point,
         load_run_config,
         refuse_run_flags,
@@ -202,7 +202,7 @@ def simulate_from_args(args: argparse.Namespace) -> int:
     if args.data and args.sites:
         raise UsageError("--sites only applies to synthesized data; with --data the "
                          "federation folder decides")
-    from mmfed.device import resolve_device
+    from mmfed.ml.device import resolve_device
 
     resolve_device(cfg["train.device"])  # a missing GPU is one line, before any work
     out = args.out or (Path(cfg["out"]) if cfg["out"] else default_out("simulate"))
@@ -213,7 +213,7 @@ def simulate_from_args(args: argparse.Namespace) -> int:
 
 
 def _report_done(cfg: RunConfig, run: RunDir, started: float) -> int:
-    from mmfed.rundir import read_metrics
+    from mmfed.run.rundir import read_metrics
 
     last = read_metrics(run.path)[-1]
     auroc = last["global"].get("auroc")

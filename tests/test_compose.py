@@ -674,10 +674,10 @@ def test_compose_app_matches_the_deployment() -> None:
     app = tomllib.loads((APP / "pyproject.toml").read_text(encoding="utf-8"))
     components = app["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "compose_server_app:app",
-                          "clientapp": "mmfed.client_app:app"}
+                          "clientapp": "mmfed.site.app:app"}
     module = _compose_app()
     assert module.app.__class__.__name__ == "ServerApp"
-    from mmfed import client_app
+    from mmfed.site import app as client_app
 
     assert client_app.app.__class__.__name__ == "ClientApp"
     declared = flatten_dict(app["tool"]["flwr"]["app"]["config"])

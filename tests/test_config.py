@@ -15,7 +15,7 @@ import pytest
 from mmfed.cli import main
 from mmfed.config import CHECKS, DEFAULTS, RunConfig
 from mmfed.errors import ConfigError
-from mmfed.model import MODALITY_NAMES
+from mmfed.ml.model import MODALITY_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 

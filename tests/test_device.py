@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mmfed.config import RunConfig
-from mmfed.device import resolve_device, simulation_gpus
 from mmfed.errors import ConfigError
+from mmfed.ml.device import resolve_device, simulation_gpus
 from mmfed.simulate import ray_backend_config
 from tests.helpers import run_mmfed
 
@@ -85,11 +85,11 @@ def test_training_runs_on_the_resolved_device(tmp_path: Path) -> None:
     the same call runs on CUDA on a GPU machine: see benchmarks/README.md)."""
     from mmfed.data.reader import load_site
     from mmfed.data.synth import SynthSettings, synthesize
-    from mmfed.features import encode, local_stats, merge_stats
-    from mmfed.model import build_model
+    from mmfed.ml.features import encode, local_stats, merge_stats
+    from mmfed.ml.model import build_model
+    from mmfed.ml.specs import ModelSpec, TrainSpec
+    from mmfed.ml.training import evaluate, train_local
     from mmfed.privacy.dp_sgd import train_private
-    from mmfed.specs import ModelSpec, TrainSpec
-    from mmfed.training import evaluate, train_local
 
     synthesize(tmp_path, SynthSettings(sites=1, patients_per_site=40, holdout=20, seed=3,
                                        genes=20))

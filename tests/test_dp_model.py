@@ -19,11 +19,11 @@ from torch import nn
 
 from mmfed.data import load_site
 from mmfed.data.synth import SynthSettings, synthesize
-from mmfed.features import EncodedSite, FeatureSchema, encode, local_stats, merge_stats
-from mmfed.model import FUSIONS, ModelSpec, OrderStatisticPool, build_model
+from mmfed.ml.features import EncodedSite, FeatureSchema, encode, local_stats, merge_stats
+from mmfed.ml.model import FUSIONS, ModelSpec, OrderStatisticPool, build_model
+from mmfed.ml.specs import TrainSpec
+from mmfed.ml.training import tensor_dataset
 from mmfed.privacy import dp_sgd
-from mmfed.specs import TrainSpec
-from mmfed.training import tensor_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`mmfed.explain`: explanations of a real federated run must recover the planted signal.
+"""`mmfed.report.explain`: explanations of a real federated run must recover the planted signal.
 
 The synthetic cohort plants its signal where we know it is (two 20-gene disease modules,
 15 informative clinical variables, a lesion in the image), so an explanation method
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from mmfed.errors import DataError, UsageError
-from mmfed.explain import _gene_permutation, _prepare, auroc, explain_run
-from mmfed.saved_model import load_saved_model
+from mmfed.report.explain import _gene_permutation, _prepare, auroc, explain_run
+from mmfed.run.saved_model import load_saved_model
 from tests.helpers import run_mmfed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -155,8 +155,8 @@ def test_batched_gene_permutation_matches_the_full_model(run_dir: Path,
     from sklearn.metrics import roc_auc_score
 
     from mmfed.data.reader import load_site
-    from mmfed.features import EncodedSite, encode
-    from mmfed.training import predict
+    from mmfed.ml.features import EncodedSite, encode
+    from mmfed.ml.training import predict
 
     saved = load_saved_model(run_dir)
     model, schema, cfg = saved.model, saved.schema, saved.cfg

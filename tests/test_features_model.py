@@ -21,7 +21,7 @@ import torch
 
 from mmfed.data.reader import SiteData, load_site
 from mmfed.data.sitespec import SiteSpec, write_site_spec
-from mmfed.features import (
+from mmfed.ml.features import (
     HASH_BUCKETS,
     EncodedSite,
     FeatureSchema,
@@ -31,8 +31,8 @@ from mmfed.features import (
     merge_stats,
     split_indices,
 )
-from mmfed.model import FUSIONS, ModelSpec, MultimodalNet, build_model
-from mmfed.training import TrainSpec, make_loss, tensor_dataset, train_epochs
+from mmfed.ml.model import FUSIONS, ModelSpec, MultimodalNet, build_model
+from mmfed.ml.training import TrainSpec, make_loss, tensor_dataset, train_epochs
 
 SIZE = 16
 SECRET = "XQZ"  # marks every category value: none may reach the shared statistics

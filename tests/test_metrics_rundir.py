@@ -12,10 +12,10 @@ import torch
 
 from mmfed.config import RunConfig
 from mmfed.errors import UsageError
-from mmfed.features import FeatureSchema
-from mmfed.metrics import classification_metrics, expected_calibration_error
-from mmfed.model import ModelSpec, build_model
-from mmfed.rundir import RunDir, atomic_write_bytes, dumps, read_metrics
+from mmfed.ml.features import FeatureSchema
+from mmfed.ml.metrics import classification_metrics, expected_calibration_error
+from mmfed.ml.model import ModelSpec, build_model
+from mmfed.run.rundir import RunDir, atomic_write_bytes, dumps, read_metrics
 
 SCHEMA = FeatureSchema(classes=["0", "1"], numeric=["age", "crp"], numeric_mean=[60.0, 5.0],
                        numeric_std=[10.0, 3.0], categorical=["smoking"], genes=["G1", "G2"],

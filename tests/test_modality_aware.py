@@ -16,14 +16,10 @@ import torch
 
 from mmfed.config import RunConfig
 from mmfed.data.reader import list_sites
-from mmfed.model import build_model
-from mmfed.patterns import COMPLETE, metrics_by_pattern, pattern_names
-from mmfed.saved_model import load_saved_model
-from mmfed.secagg import SecAggClient, SecAggParams, SecAggServer
-from mmfed.secagg.quantize import pack_segments, unpack_segments
-from mmfed.site_runtime import train_round
-from mmfed.training import drop_modalities
-from mmfed.updates import (
+from mmfed.ml.model import build_model
+from mmfed.ml.patterns import COMPLETE, metrics_by_pattern, pattern_names
+from mmfed.ml.training import drop_modalities
+from mmfed.ml.updates import (
     apply_delta,
     flat_delta,
     group_weights,
@@ -31,6 +27,10 @@ from mmfed.updates import (
     segment_counts,
     segment_layout,
 )
+from mmfed.run.saved_model import load_saved_model
+from mmfed.secagg import SecAggClient, SecAggParams, SecAggServer
+from mmfed.secagg.quantize import pack_segments, unpack_segments
+from mmfed.site.runtime import train_round
 from tests.helpers import run_mmfed
 
 SMALL = ["--sites", "3", "--rounds", "1", "--no-progress", "--no-dp", "--seed", "3",
@@ -168,7 +168,7 @@ def test_patterns_group_patients_by_what_they_have() -> None:
 
 
 def test_server_checks_the_secure_aggregate_segment_by_segment() -> None:
-    from mmfed.secure_rounds import aggregate_problem
+    from mmfed.server.secure import aggregate_problem
 
     params = SecAggParams(run_id="r", round=1, site_ids=[0, 1], threshold=2, neighbours=None,
                           clip_range=1.0, max_sites=2, count_cap=100, vector_length=8,

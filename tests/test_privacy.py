@@ -120,9 +120,9 @@ KILL_SCRIPT = textwrap.dedent("""
     import numpy as np, torch
     from mmfed.config import RunConfig
     from mmfed.data import load_site
-    from mmfed.features import local_stats, merge_stats
-    from mmfed.model import build_model
-    from mmfed import site_runtime
+    from mmfed.ml.features import local_stats, merge_stats
+    from mmfed.ml.model import build_model
+    from mmfed.site import runtime as site_runtime
 
     site_dir, ledger, first, last, kill = Path(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:])
     cfg = RunConfig({"privacy.enabled": True, "privacy.ledger_dir": ledger, "rounds": 6,

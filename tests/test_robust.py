@@ -12,9 +12,10 @@ import math
 import numpy as np
 import pytest
 
-from mmfed import faults, robust
 from mmfed.errors import MmfedError
-from mmfed.site_secagg import guard
+from mmfed.server import robust
+from mmfed.site import faults
+from mmfed.site.secagg import guard
 
 
 def state(w: list[float] | np.ndarray, b: float = 0.0, steps: int = 3) -> dict[str, np.ndarray]:

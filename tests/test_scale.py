@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmfed import site_runtime
 from mmfed.data import reader
 from mmfed.data.synth import SynthSettings, synthesize
-from mmfed.features import split_indices
+from mmfed.ml.features import split_indices
+from mmfed.site import runtime as site_runtime
 from tests.helpers import run_mmfed
 
 

@@ -66,9 +66,9 @@ def test_run_directory_contract(small_run: tuple[Path, str]) -> None:
 def test_model_file_rebuilds_and_reproduces_holdout_auroc(small_run: tuple[Path, str]) -> None:
     from mmfed.config import RunConfig
     from mmfed.data import load_site
-    from mmfed.features import FeatureSchema, encode
-    from mmfed.model import build_model
-    from mmfed.training import evaluate
+    from mmfed.ml.features import FeatureSchema, encode
+    from mmfed.ml.model import build_model
+    from mmfed.ml.training import evaluate
 
     out, _ = small_run
     saved = torch.load(out / "model.pt", weights_only=False)

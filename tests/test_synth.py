@@ -14,7 +14,7 @@ from mmfed.data.reader import read_site
 from mmfed.data.sitespec import parse_site_spec
 from mmfed.data.synth import SynthSettings, parse_missing, synthesize
 from mmfed.errors import UsageError
-from mmfed.features import encode, local_stats, merge_stats
+from mmfed.ml.features import encode, local_stats, merge_stats
 
 FOLDERS = ("site-1", "site-2", "holdout")
 

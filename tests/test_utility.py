@@ -15,7 +15,7 @@ import pytest
 from mmfed.centralized import run_centralized
 from mmfed.config import RunConfig
 from mmfed.data.synth import SynthSettings, synthesize
-from mmfed.rundir import RunDir
+from mmfed.run.rundir import RunDir
 from tests.helpers import run_mmfed
 
 

@@ -9,11 +9,11 @@ a single HTTP port, so the SuperLink itself is never exposed)::
      ├─ flower-superlink   127.0.0.1:<free port>, TLS,    └─ flower-supernode
      │   --enable-supernode-auth, in-memory state             --superlink HOST:9092 (TLS,
      │   └─ flower-superexec → flwr-serverapp                   CA = ca.pem, key = SITE.key)
-     │        (mmfed.deploy.server_app: holdout only,           Runtime API 127.0.0.1:<free
+     │        (mmfed.server.deployed: holdout only,           Runtime API 127.0.0.1:<free
      │         writes RUN/)                                       port or --runtime-port>
      ├─ flwr supernode register SITE.pub   (per site)          └─ flower-superexec →
      ├─ flwr run <generated app> --stream  (the run)               flwr-clientapp per message
-     └─ Fleet gateway thread  HOST:9092, same TLS cert ◄── TLS ──  (mmfed.client_app)
+     └─ Fleet gateway thread  HOST:9092, same TLS cert ◄── TLS ──  (mmfed.site.app)
           forwards POST /v1/fleet/* only → SuperLink
 
 * ``mmfed certs init`` makes ``ca.pem``/``ca.key`` (keep the CA key offline) and the

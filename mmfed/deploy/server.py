@@ -63,12 +63,12 @@ def say(text: str) -> None:
 
 
 def plan_from_args(args: argparse.Namespace) -> ServerPlan:
-    from mmfed.deploy.server_app import validate_holdout
+    from mmfed.server.deployed import validate_holdout
     from mmfed.simulate import check_secagg_settings, default_out
 
     resume = getattr(args, "resume", None)
     if resume:
-        from mmfed.resume import load_run_config, refuse_run_flags
+        from mmfed.run.resume import load_run_config, refuse_run_flags
 
         refuse_run_flags((("--config", args.config), ("--data", args.data),
                           ("--seed", args.seed), ("--rounds", args.rounds),
@@ -144,8 +144,8 @@ def app_pyproject(cfg: RunConfig) -> str:
              'license = "Apache-2.0"', "dependencies = []", "",
              "[tool.flwr.app]", 'publisher = "mmfed"', "",
              "[tool.flwr.app.components]",
-             'serverapp = "mmfed.deploy.server_app:app"',
-             'clientapp = "mmfed.client_app:app"', "", "[tool.flwr.app.config]"]
+             'serverapp = "mmfed.server.deployed:app"',
+             'clientapp = "mmfed.site.app:app"', "", "[tool.flwr.app.config]"]
     for key, value in cfg.to_flower().items():
         dotted = ".".join(toml_string(part) if not part.replace("-", "").replace("_", "")
                           .isalnum() else part for part in key.split("."))
@@ -211,8 +211,8 @@ class MetricsFollower:
 
 def serve(plan: ServerPlan, *, live: bool | None = None) -> int:
     from mmfed.deploy.gateway import FleetGateway, GatewaySettings
-    from mmfed.progress import Progress
-    from mmfed.rundir import RunDir, read_metrics
+    from mmfed.run.progress import Progress
+    from mmfed.run.rundir import RunDir, read_metrics
 
     cfg = plan.cfg
     run = RunDir(plan.run_path, fresh=not plan.resume)
@@ -312,7 +312,7 @@ def serve(plan: ServerPlan, *, live: bool | None = None) -> int:
 
 def _write_deployment(plan: ServerPlan, node_ids: dict[str, int], public: str) -> None:
     """Who was admitted, for the record (public fingerprints only, nothing secret)."""
-    from mmfed.rundir import atomic_write_bytes
+    from mmfed.run.rundir import atomic_write_bytes
 
     record = {"address": public, "tls": plan.tls is not None,
               "supernode_auth": plan.tls is not None, "sites_expected": plan.sites,

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mmfed.features import EncodedSite
-from mmfed.specs import TrainSpec
-from mmfed.training import (
+from mmfed.ml.features import EncodedSite
+from mmfed.ml.specs import TrainSpec
+from mmfed.ml.training import (
     make_loss,
     make_optimizer,
     restrict_modalities,
@@ -48,7 +48,7 @@ def register_samplers() -> None:
         return
     from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 
-    from mmfed.model import ModalityBias
+    from mmfed.ml.model import ModalityBias
 
     @register_grad_sampler(ModalityBias)
     def _bias_grad_sample(layer: ModalityBias, activations: list[torch.Tensor],

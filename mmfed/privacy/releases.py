@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mmfed.rundir import atomic_write_bytes
+from mmfed.run.rundir import atomic_write_bytes
 
 KEEP_ROUNDS = 2
 

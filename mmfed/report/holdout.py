@@ -18,7 +18,7 @@ import numpy as np
 from mmfed.errors import DataError
 from mmfed.report.plots import Plot, message_plot, new_axes, save
 
-CALIBRATION_BINS = 10  # the same equal-width bins as mmfed.metrics' ECE
+CALIBRATION_BINS = 10  # the same equal-width bins as mmfed.ml.metrics' ECE
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,10 @@ class HoldoutResult:
 def evaluate_holdout(run: Path) -> HoldoutResult:
     """Rebuild RUN/model.pt and predict the holdout; any defect is a one-line DataError."""
     from mmfed.data import load_site
-    from mmfed.features import encode
-    from mmfed.metrics import classification_metrics
-    from mmfed.saved_model import holdout_folder, load_saved_model
-    from mmfed.training import predict
+    from mmfed.ml.features import encode
+    from mmfed.ml.metrics import classification_metrics
+    from mmfed.ml.training import predict
+    from mmfed.run.saved_model import holdout_folder, load_saved_model
 
     saved = load_saved_model(run)
     model, schema, cfg = saved.model, saved.schema, saved.cfg

@@ -28,8 +28,8 @@ app = ServerApp()
 def prepare(run_config: dict[str, Any], flower_run_id: int, runs: Path = RUNS) -> Any:
     """Validated config and a fresh run directory, before any site is contacted."""
     from mmfed.config import RunConfig
-    from mmfed.deploy.server_app import validate_holdout
-    from mmfed.rundir import RunDir
+    from mmfed.run.rundir import RunDir
+    from mmfed.server.deployed import validate_holdout
 
     cfg = RunConfig.from_flower(run_config)
     validate_holdout(Path(cfg["data.dir"]))
@@ -45,7 +45,7 @@ def prepare(run_config: dict[str, Any], flower_run_id: int, runs: Path = RUNS) -
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from mmfed.errors import MmfedError
-    from mmfed.server_app import run_and_record
+    from mmfed.server.app import run_and_record
     from mmfed.simulate import quiet_flower
 
     quiet_flower(debug=False)

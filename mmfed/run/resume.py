@@ -23,9 +23,9 @@ import numpy as np
 
 from mmfed.config import RunConfig
 from mmfed.errors import DataError, UsageError
-from mmfed.features import FeatureSchema
+from mmfed.ml.features import FeatureSchema
 from mmfed.privacy.releases import state_hash
-from mmfed.rundir import atomic_write_bytes
+from mmfed.run.rundir import atomic_write_bytes
 
 CHECKPOINT = re.compile(r"^round-(\d{4,})\.pt$")
 

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from mmfed.errors import DataError, UsageError
-from mmfed.features import EncodedSite, FeatureSchema
-from mmfed.model import MODALITY_NAMES, MultimodalNet
-from mmfed.saved_model import holdout_folder, load_saved_model
+from mmfed.ml.features import EncodedSite, FeatureSchema
+from mmfed.ml.model import MODALITY_NAMES, MultimodalNet
+from mmfed.run.saved_model import holdout_folder, load_saved_model
 
 EXPLAIN_DIR = "explain"
 # Above this many genes, permuting every gene would dominate the run time, so genes are
@@ -104,7 +104,7 @@ def _binary_auroc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
 
 
 def auroc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Holdout AUROC exactly as ``mmfed.metrics`` defines it, for a batch of predictions.
+    """Holdout AUROC exactly as ``mmfed.ml.metrics`` defines it, for a batch of predictions.
 
     ``probs`` is (..., n, C). Binary: AUROC of class 1; more classes: macro one-vs-rest,
     averaged over the classes present. Batched because permutation importance scores
@@ -460,9 +460,9 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
     holds. Deterministic given ``seed``: the permutations are the only randomness.
     """
     from mmfed.data.reader import load_site
-    from mmfed.features import encode
-    from mmfed.rundir import atomic_write_bytes, finite
-    from mmfed.training import restrict_modalities
+    from mmfed.ml.features import encode
+    from mmfed.ml.training import restrict_modalities
+    from mmfed.run.rundir import atomic_write_bytes, finite
 
     if repeats < 1 or top < 1 or images < 0:
         raise UsageError("explain: --repeats and --top must be >= 1 and --images >= 0")

@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from mmfed.config import RunConfig
-from mmfed.features import FeatureSchema
+from mmfed.ml.features import FeatureSchema
 
 STATS = "query.stats"
 TRAIN = "train"

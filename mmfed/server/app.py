@@ -14,9 +14,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from mmfed.config import RunConfig
-from mmfed.federation import Federation, RoundCallback
-from mmfed.resume import ResumePoint
-from mmfed.rundir import RunDir
+from mmfed.run.resume import ResumePoint
+from mmfed.run.rundir import RunDir
+from mmfed.server.loop import Federation, RoundCallback
 
 
 def run_and_record(grid: Grid, cfg: RunConfig, run: RunDir,
@@ -27,7 +27,7 @@ def run_and_record(grid: Grid, cfg: RunConfig, run: RunDir,
 
     With ``resume``, rounds 1..k are taken from the checkpoint and metrics as they are.
     """
-    from mmfed.tracking import TensorBoardLog, chain
+    from mmfed.run.tracking import TensorBoardLog, chain
 
     started = time.perf_counter()
     tensorboard = TensorBoardLog(run.path)

@@ -1,6 +1,6 @@
 """Reading a run's saved model back: the one loader for explain, report and tests.
 
-``model.pt`` is written by ``mmfed.rundir.model_payload``. It is loaded with
+``model.pt`` is written by ``mmfed.run.rundir.model_payload``. It is loaded with
 ``weights_only=True`` because a model file handed over from elsewhere must not be able
 to run code, and every defect becomes a one-line ``DataError``.
 """
@@ -16,8 +16,8 @@ from torch import nn
 
 from mmfed.config import RunConfig
 from mmfed.errors import ConfigError, DataError
-from mmfed.features import FeatureSchema
-from mmfed.model import MultimodalNet, build_model
+from mmfed.ml.features import FeatureSchema
+from mmfed.ml.model import MultimodalNet, build_model
 
 
 @dataclass

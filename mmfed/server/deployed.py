@@ -1,6 +1,6 @@
-"""The ServerApp ``mmfed server`` submits to its SuperLink (``mmfed.deploy.server_app:app``).
+"""The ServerApp ``mmfed server`` submits to its SuperLink (``mmfed.server.deployed:app``).
 
-Unlike ``flwr run .`` (``mmfed.server_app:app``), a deployed server holds no site data:
+Unlike ``flwr run .`` (``mmfed.server.app:app``), a deployed server holds no site data:
 only the holdout it evaluates on. So it checks just ``data.dir/holdout`` and waits for
 ``data.sites`` SuperNodes (the number of admitted sites), and it writes into the run
 directory that ``mmfed server`` already created with the fully resolved config.
@@ -38,9 +38,9 @@ def validate_holdout(data_dir: Path) -> Path:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from mmfed.resume import find_resume_point, truncate_metrics
-    from mmfed.rundir import RunDir
-    from mmfed.server_app import run_and_record
+    from mmfed.run.resume import find_resume_point, truncate_metrics
+    from mmfed.run.rundir import RunDir
+    from mmfed.server.app import run_and_record
     from mmfed.simulate import quiet_flower
 
     quiet_flower(debug=False)

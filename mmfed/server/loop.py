@@ -18,16 +18,16 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from mmfed import messages
+from mmfed import wire as messages
 from mmfed.config import RunConfig
 from mmfed.data.reader import load_site
 from mmfed.errors import DataError, MmfedError
-from mmfed.features import FeatureSchema, LocalStats, encode, merge_stats
-from mmfed.resume import ResumePoint
-from mmfed.robust import aggregate_robust, validate_update
-from mmfed.rundir import RunDir
-from mmfed.specs import MODALITY_NAMES
-from mmfed.updates import group_weights, grouped_average, weight_group
+from mmfed.ml.features import FeatureSchema, LocalStats, encode, merge_stats
+from mmfed.ml.specs import MODALITY_NAMES
+from mmfed.ml.updates import group_weights, grouped_average, weight_group
+from mmfed.run.resume import ResumePoint
+from mmfed.run.rundir import RunDir
+from mmfed.server.robust import aggregate_robust, validate_update
 
 log = logging.getLogger("mmfed")
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -170,7 +170,7 @@ class Federation:
 
     def setup(self) -> tuple[FeatureSchema, dict[str, np.ndarray]]:
         """Learn the federation's feature schema and build the initial global model."""
-        from mmfed.model import build_model
+        from mmfed.ml.model import build_model
 
         nodes = wait_for_nodes(self.grid, self.expected, min(self.timeout, 300.0))
         request = messages.request(self.cfg, 0)
@@ -296,10 +296,10 @@ class Federation:
     def run_rounds(self) -> FederationResult:
         import torch
 
-        from mmfed.metrics import classification_metrics
-        from mmfed.model import build_model
-        from mmfed.patterns import metrics_by_pattern
-        from mmfed.training import predict
+        from mmfed.ml.metrics import classification_metrics
+        from mmfed.ml.model import build_model
+        from mmfed.ml.patterns import metrics_by_pattern
+        from mmfed.ml.training import predict
 
         schema, state = self.setup()
         first = 1
@@ -330,7 +330,7 @@ class Federation:
                 log.warning("round %d: differential privacy is OFF (enable it with --dp or "
                             "privacy.enabled = true)", round_num)
             if self.cfg["secagg.enabled"]:
-                from mmfed.secure_rounds import secure_train_round
+                from mmfed.server.secure import secure_train_round
 
                 state, info = secure_train_round(self, round_num, schema, state)
             else:

@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from mmfed import messages
+from mmfed import wire as messages
 from mmfed.config import RunConfig
 from mmfed.errors import MmfedError
-from mmfed.features import FeatureSchema
+from mmfed.ml.features import FeatureSchema
+from mmfed.ml.updates import apply_delta, segment_layout, vector_length
 from mmfed.secagg import SecAggAborted, SecAggError, SecAggParams, SecAggServer
 from mmfed.secagg.quantize import levels
-from mmfed.site_secagg import blobs, ints
-from mmfed.updates import apply_delta, segment_layout, vector_length
+from mmfed.site.secagg import blobs, ints
 
 log = logging.getLogger("mmfed")
 
@@ -89,7 +89,7 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
                        state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
                                                               dict[str, Any]]:
     """Run one securely aggregated round for ``fed`` (a ``Federation``)."""
-    from mmfed.federation import declined_entry, exchange, round_info, trained_entry
+    from mmfed.server.loop import declined_entry, exchange, round_info, trained_entry
 
     cfg: RunConfig = fed.cfg
     nodes = fed.sample(round_num)

@@ -12,9 +12,12 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from mmfed import faults, messages, site_runtime, site_secagg
+from mmfed import wire as messages
 from mmfed.errors import MmfedError
-from mmfed.updates import flat_delta, group_weights
+from mmfed.ml.updates import flat_delta, group_weights
+from mmfed.site import faults
+from mmfed.site import runtime as site_runtime
+from mmfed.site import secagg as site_secagg
 
 app = ClientApp()
 

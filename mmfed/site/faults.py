@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmfed.updates import float_keys
+from mmfed.ml.updates import float_keys
 
 KINDS = ("nan", "shape", "huge")
 HUGE_NORM = 1e6

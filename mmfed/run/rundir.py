@@ -16,7 +16,7 @@ import numpy as np
 
 from mmfed.config import RunConfig
 from mmfed.errors import UsageError
-from mmfed.features import FeatureSchema
+from mmfed.ml.features import FeatureSchema
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

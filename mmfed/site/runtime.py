@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmfed.config import RunConfig
-from mmfed.device import resolve_device
 from mmfed.errors import DataError
-from mmfed.features import EncodedSite, FeatureSchema, encode, local_stats, split_indices
+from mmfed.ml.device import resolve_device
+from mmfed.ml.features import EncodedSite, FeatureSchema, encode, local_stats, split_indices
+from mmfed.ml.specs import TrainSpec
 from mmfed.privacy.policy import PrivacyPolicy, load_policy, policy_from_mapping
-from mmfed.specs import TrainSpec
 
 if TYPE_CHECKING:  # Opacus (budget) and pandas (reader): only training needs them
     from mmfed.data.reader import SiteData
@@ -132,7 +132,7 @@ class TrainOutcome:
 
 def modality_counts(enc: EncodedSite, modalities: tuple[str, ...]) -> dict[str, int]:
     """How many patients each encoder actually learned from at this site."""
-    from mmfed.specs import MODALITY_NAMES
+    from mmfed.ml.specs import MODALITY_NAMES
 
     present = (enc.mask > 0.5).sum(axis=0)
     return {m: int(present[i]) if m in modalities else 0
@@ -158,8 +158,8 @@ def train_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
                 node_config: dict[str, Any] | None = None) -> TrainOutcome:
     import torch
 
-    from mmfed.model import build_model
-    from mmfed.training import train_local
+    from mmfed.ml.model import build_model
+    from mmfed.ml.training import train_local
 
     limit_threads()
     start = time.perf_counter()
@@ -241,8 +241,8 @@ def evaluate_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
     """Evaluate the global model on the site's own validation split."""
     import torch
 
-    from mmfed.model import build_model
-    from mmfed.training import evaluate
+    from mmfed.ml.model import build_model
+    from mmfed.ml.training import evaluate
 
     limit_threads()
     site = get_site(folder)
