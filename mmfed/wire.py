@@ -1,48 +1,89 @@
-"""How mmfed's payloads ride in Flower messages (both ends use these helpers).
+"""The wire contract between a site and the server: message names, record keys, codecs.
 
-Names of records and message types are defined once here so the server and the
-client cannot drift apart.
+Site code (``mmfed.site``) and server code (``mmfed.server``) never import each other;
+this module is where they meet. Every message name, every record key and every
+encoding of a payload is written here once, with its decoder next to it, so the two
+ends cannot drift apart. Decoders treat their input as untrusted: a malformed record
+is a one-line ``WireError``, never a ``KeyError`` deep in a handler.
+
+Nothing here imports torch: the secure-aggregation stage handlers that use it run in a
+fresh process per message in deployment, where torch's import alone costs seconds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from mmfed.config import RunConfig
+from mmfed.errors import MmfedError
 from mmfed.ml.features import FeatureSchema
+from mmfed.secagg import SecAggParams
 
-STATS = "query.stats"
+
+class WireError(MmfedError):
+    """A message that does not follow this contract (a bug, or a peer to distrust)."""
+
+
+# ------------------------------------------------------------------ message names
+# Flower's ClientApp registers a query handler under its action ("stats") and routes
+# messages of type "query.<action>" to it; both spellings derive from one constant.
+QUERY = "query"
 TRAIN = "train"
 EVALUATE = "evaluate"
-SECAGG_SHARE = "query.secagg_share"
-SECAGG_MASK = "query.secagg_mask"
-SECAGG_UNMASK = "query.secagg_unmask"
+ACTION_STATS = "stats"
+ACTION_SHARE = "secagg_share"
+ACTION_MASK = "secagg_mask"
+ACTION_UNMASK = "secagg_unmask"
+STATS = f"{QUERY}.{ACTION_STATS}"
+SECAGG_SHARE = f"{QUERY}.{ACTION_SHARE}"
+SECAGG_MASK = f"{QUERY}.{ACTION_MASK}"
+SECAGG_UNMASK = f"{QUERY}.{ACTION_UNMASK}"
+MESSAGE_TYPES = (STATS, TRAIN, EVALUATE, SECAGG_SHARE, SECAGG_MASK, SECAGG_UNMASK)
 ERR_SITE = 1001  # a site-side failure with a one-line reason
 
+# ------------------------------------------------------------------ record keys
+CONFIG = "config"  # the run configuration (+ round) of a request
+SCHEMA = "schema"  # the federation's feature schema
+MODEL = "model"  # model weights: the global model down, a plaintext update up
+SITE = "site"  # a reply's sender (and, for stats, its local statistics)
+METRICS = "metrics"  # a reply's figures (examples, loss, ε, ...)
+SECAGG = "secagg"  # secure-aggregation parameters (train request) or stage payload
+STAGE = "stage"  # which round and site a secure-aggregation stage belongs to
+MASKED = "masked"  # a site's masked update vector
+ROUND = "round"  # inside CONFIG: the round number
+NAME = "name"  # inside SITE: the site's name
+SEGMENT_GROUPS = "segment_groups"  # inside SECAGG: weight group name of each segment
+MY_ID = "my_id"  # inside SECAGG: this site's id in the protocol
 
+
+# ------------------------------------------------------------------ requests and replies
 def request(cfg: RunConfig, round_num: int, schema: FeatureSchema | None = None,
             state: dict[str, np.ndarray] | None = None) -> RecordDict:
     content = RecordDict()
-    content["config"] = ConfigRecord({**cfg.to_flower(), "round": round_num})
+    content[CONFIG] = ConfigRecord({**cfg.to_flower(), ROUND: round_num})
     if schema is not None:
-        content["schema"] = ConfigRecord(schema.to_config())
+        content[SCHEMA] = ConfigRecord(schema.to_config())
     if state is not None:
-        content["model"] = to_array_record(state)
+        content[MODEL] = to_array_record(state)
     return content
 
 
 def read_request(content: RecordDict) -> tuple[RunConfig, int, FeatureSchema | None,
                                                dict[str, np.ndarray] | None]:
-    raw = dict(content.config_records["config"])
-    round_num = scalar(raw.pop("round"))
+    if CONFIG not in content.config_records:
+        raise WireError("request without a run configuration")
+    raw = dict(content.config_records[CONFIG])
+    round_num = scalar(raw.pop(ROUND, None))
     cfg = RunConfig.from_flower(raw)
-    schema = (FeatureSchema.from_config(dict(content.config_records["schema"]))
-              if "schema" in content.config_records else None)
-    state = (arrays_to_numpy(content.array_records["model"])
-             if "model" in content.array_records else None)
+    schema = (FeatureSchema.from_config(dict(content.config_records[SCHEMA]))
+              if SCHEMA in content.config_records else None)
+    state = (arrays_to_numpy(content.array_records[MODEL])
+             if MODEL in content.array_records else None)
     return cfg, round_num, schema, state
 
 
@@ -58,26 +99,243 @@ def reply_content(site: str, *, state: dict[str, np.ndarray] | None = None,
                   metrics: dict[str, float] | None = None,
                   config: dict[str, Any] | None = None) -> RecordDict:
     content = RecordDict()
-    content["site"] = ConfigRecord({"name": site, **(config or {})})
+    content[SITE] = ConfigRecord({NAME: site, **(config or {})})
     if state is not None:
-        content["model"] = to_array_record(state)
+        content[MODEL] = to_array_record(state)
     if metrics is not None:
-        content["metrics"] = MetricRecord({k: float(v) for k, v in metrics.items()})
+        content[METRICS] = MetricRecord({k: float(v) for k, v in metrics.items()})
     return content
+
+
+def site_of(content: RecordDict) -> tuple[str, dict[str, Any]]:
+    """A reply's sender name and the rest of its site record (the site's statistics)."""
+    if SITE not in content.config_records:
+        raise WireError("reply without a site record")
+    record = dict(content.config_records[SITE])
+    name = record.pop(NAME, None)
+    if not isinstance(name, str) or not name:
+        raise WireError("reply without a site name")
+    return name, record
 
 
 def scalar(value: Any) -> int:
     """Record values are typed as unions with lists; a round number is a plain int."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"expected a number, got {value!r}")
+        raise WireError(f"expected a number, got {value!r}")
     return int(value)
 
 
-def metrics_of(reply_content: RecordDict) -> dict[str, float]:
+def metrics_of(content: RecordDict) -> dict[str, float]:
     """A reply's MetricRecord as plain floats (lists are not used by mmfed)."""
-    record = reply_content.metric_records["metrics"]
+    if METRICS not in content.metric_records:
+        return {}
+    record = content.metric_records[METRICS]
     return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+def model_of(content: RecordDict) -> dict[str, np.ndarray] | None:
+    """A reply's plaintext model, or None when it carries none."""
+    if MODEL not in content.array_records:
+        return None
+    return arrays_to_numpy(content.array_records[MODEL])
 
 
 def state_bytes(state: dict[str, np.ndarray]) -> int:
     return int(sum(v.nbytes for v in state.values()))
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message, for the round's byte counts."""
+    total = 0
+    for arrays in content.array_records.values():
+        total += sum(len(arr.data) for arr in arrays.values())
+    for config in content.config_records.values():
+        for value in config.values():
+            if isinstance(value, bytes):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) if isinstance(v, bytes) else 8 for v in value)
+            else:
+                total += 8
+    return total
+
+
+# ------------------------------------------------------------------ secure aggregation
+def ints(value: object) -> list[int]:
+    if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise WireError("malformed secure aggregation message (expected integers)")
+    return [int(v) for v in value]
+
+
+def blobs(value: object) -> list[bytes]:
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        raise WireError("malformed secure aggregation message (expected bytes)")
+    return [bytes(v) for v in value]
+
+
+def _field(record: Mapping[str, Any], key: str) -> Any:
+    if key not in record:
+        raise WireError(f"malformed secure aggregation message (no {key!r})")
+    return record[key]
+
+
+def _pairs(record: Mapping[str, Any], ids: str, values: str) -> dict[int, bytes]:
+    keys, data = ints(_field(record, ids)), blobs(_field(record, values))
+    if len(keys) != len(data) or len(set(keys)) != len(keys):
+        raise WireError(f"malformed secure aggregation message ({ids!r} and {values!r} "
+                        "do not pair up)")
+    return dict(zip(keys, data, strict=True))
+
+
+@dataclass(frozen=True)
+class SecAggRequest:
+    """What a train request adds under secure aggregation: the round's protocol
+    parameters, this site's id in it, and the weight group of each segment."""
+
+    params: SecAggParams
+    my_id: int
+    segment_groups: tuple[str, ...] = ()
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({**self.params.to_record(), MY_ID: self.my_id,
+                             SEGMENT_GROUPS: list(self.segment_groups)})
+
+    @staticmethod
+    def from_record(record: Mapping[str, Any]) -> SecAggRequest:
+        raw = dict(record)
+        my_id = raw.pop(MY_ID, None)
+        groups = raw.pop(SEGMENT_GROUPS, [])
+        if isinstance(my_id, bool) or not isinstance(my_id, int):
+            raise WireError("malformed secure aggregation request (no site id)")
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise WireError("malformed secure aggregation request (segment groups)")
+        params = SecAggParams.from_record(raw)
+        if my_id not in params.site_ids:
+            raise WireError(f"secure aggregation request for site id {my_id}, which is "
+                            "not in the round")
+        return SecAggRequest(params, int(my_id), tuple(groups))
+
+
+def secagg_request_of(content: RecordDict) -> SecAggRequest | None:
+    """The secure-aggregation part of a train request, or None for a plaintext one."""
+    if SECAGG not in content.config_records:
+        return None
+    return SecAggRequest.from_record(content.config_records[SECAGG])
+
+
+def with_secagg(base: RecordDict, secagg: SecAggRequest) -> RecordDict:
+    """A copy of a train request for one site, with that site's protocol parameters."""
+    content = RecordDict()
+    for key, config in base.config_records.items():
+        content[key] = config
+    for key, arrays in base.array_records.items():
+        content[key] = arrays
+    content[SECAGG] = secagg.to_record()
+    return content
+
+
+def public_keys(keys: Mapping[str, bytes]) -> ConfigRecord:
+    return ConfigRecord({"c_pk": keys["c_pk"], "s_pk": keys["s_pk"]})
+
+
+def public_keys_of(content: RecordDict) -> dict[str, bytes]:
+    """A secure train reply's advertised public keys."""
+    if SECAGG not in content.config_records:
+        raise WireError("reply without public keys")
+    record = content.config_records[SECAGG]
+    c_pk, s_pk = record.get("c_pk"), record.get("s_pk")
+    if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes):
+        raise WireError("malformed public keys")
+    return {"c_pk": c_pk, "s_pk": s_pk}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The header of a share, mask or unmask message: which round, which site, and the
+    drills (``faults.drop``) the site must act out."""
+
+    round: int
+    site: str
+    faults: tuple[str, ...] = ()
+
+
+def stage_content(stage: Stage, payload: ConfigRecord) -> RecordDict:
+    content = RecordDict()
+    content[STAGE] = ConfigRecord({ROUND: stage.round, "site": stage.site,
+                                   "faults": list(stage.faults)})
+    content[SECAGG] = payload
+    return content
+
+
+def read_stage(content: RecordDict) -> tuple[Stage, ConfigRecord]:
+    if STAGE not in content.config_records or SECAGG not in content.config_records:
+        raise WireError("secure aggregation stage without its header or payload")
+    raw = content.config_records[STAGE]
+    faults = raw.get("faults", [])
+    if not isinstance(faults, list) or not all(isinstance(f, str) for f in faults):
+        raise WireError("malformed secure aggregation stage header")
+    stage = Stage(scalar(raw.get(ROUND)), str(raw.get("site", "")),
+                  tuple(str(f) for f in faults))
+    return stage, content.config_records[SECAGG]
+
+
+def peer_keys(pks: Mapping[int, Mapping[str, bytes]]) -> ConfigRecord:
+    """Share stage, server → site: the public keys of the site's neighbours."""
+    return ConfigRecord({"ids": list(pks), "c_pk": [v["c_pk"] for v in pks.values()],
+                         "s_pk": [v["s_pk"] for v in pks.values()]})
+
+
+def peer_keys_of(record: Mapping[str, Any]) -> dict[int, dict[str, bytes]]:
+    ids = ints(_field(record, "ids"))
+    c_pk, s_pk = blobs(_field(record, "c_pk")), blobs(_field(record, "s_pk"))
+    if not len(ids) == len(c_pk) == len(s_pk) or len(set(ids)) != len(ids):
+        raise WireError("malformed secure aggregation message (public keys do not pair up)")
+    return {i: {"c_pk": c, "s_pk": s} for i, c, s in zip(ids, c_pk, s_pk, strict=True)}
+
+
+def shares(out: Mapping[int, bytes]) -> ConfigRecord:
+    """Share stage, site → server: one encrypted share bundle per recipient."""
+    return ConfigRecord({"to": list(out), "ct": list(out.values())})
+
+
+def shares_of(record: Mapping[str, Any]) -> dict[int, bytes]:
+    return _pairs(record, "to", "ct")
+
+
+def routed(mine: Mapping[int, bytes]) -> ConfigRecord:
+    """Mask stage, server → site: the ciphertexts other sites addressed to this one."""
+    return ConfigRecord({"from": list(mine), "ct": list(mine.values())})
+
+
+def routed_of(record: Mapping[str, Any]) -> dict[int, bytes]:
+    return _pairs(record, "from", "ct")
+
+
+def masked(vector: np.ndarray) -> ArrayRecord:
+    """Mask stage, site → server: the masked update (uint32 field elements)."""
+    return ArrayRecord({"y": Array(np.ascontiguousarray(vector))})
+
+
+def masked_of(content: RecordDict) -> np.ndarray:
+    if MASKED not in content.array_records or "y" not in content.array_records[MASKED]:
+        raise WireError("mask reply without a masked vector")
+    return content.array_records[MASKED]["y"].numpy()
+
+
+def unmask_request(survivors: list[int], dropped: list[int]) -> ConfigRecord:
+    """Unmask stage, server → site: who sent a masked vector and who did not."""
+    return ConfigRecord({"survivors": list(survivors), "dropped": list(dropped)})
+
+
+def unmask_request_of(record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    return ints(_field(record, "survivors")), ints(_field(record, "dropped"))
+
+
+def reveals(out: Mapping[int, bytes]) -> ConfigRecord:
+    """Unmask stage, site → server: the shares that remove the survivors' masks."""
+    return ConfigRecord({"of": list(out), "share": list(out.values())})
+
+
+def reveals_of(record: Mapping[str, Any]) -> dict[int, bytes]:
+    return _pairs(record, "of", "share")

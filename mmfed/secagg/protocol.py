@@ -86,6 +86,54 @@ class SecAggParams:
     def n_weights(self) -> int:
         return len(self.segments) or 1
 
+    def to_record(self) -> dict[str, str | int | float | list[int]]:
+        """Plain scalars and integer lists: what a Flower ConfigRecord or JSON can hold.
+
+        The one encoding of the parameters, used on the wire and in a site's saved
+        state alike; ``neighbours`` None (everyone is everyone's neighbour) is 0.
+        """
+        return {"run_id": self.run_id, "round": self.round, "site_ids": list(self.site_ids),
+                "threshold": self.threshold, "neighbours": self.neighbours or 0,
+                "clip_range": self.clip_range, "max_sites": self.max_sites,
+                "count_cap": self.count_cap, "vector_length": self.vector_length,
+                "segments": list(self.segments)}
+
+    @staticmethod
+    def from_record(raw: Mapping[str, object]) -> SecAggParams:
+        """Inverse of ``to_record``, validated; anything malformed is a SecAggError."""
+
+        def integer(key: str) -> int:
+            value = raw.get(key)
+            if not _is_int(value):
+                raise SecAggError(f"secure aggregation parameter {key!r} must be an "
+                                  f"integer, got {value!r}")
+            return int(value)  # type: ignore[call-overload]
+
+        def integers(key: str) -> list[int]:
+            value = raw.get(key, [])
+            if not isinstance(value, list | tuple) or not all(_is_int(v) for v in value):
+                raise SecAggError(f"secure aggregation parameter {key!r} must be a list "
+                                  f"of integers")
+            return [int(v) for v in value]
+
+        run_id, clip = raw.get("run_id"), raw.get("clip_range")
+        if not isinstance(run_id, str):
+            raise SecAggError(f"secure aggregation parameter 'run_id' must be text, "
+                              f"got {run_id!r}")
+        if not isinstance(clip, int | float) or isinstance(clip, bool):
+            raise SecAggError(f"secure aggregation parameter 'clip_range' must be a "
+                              f"number, got {clip!r}")
+        neighbours = 0 if raw.get("neighbours") is None else integer("neighbours")
+        params = SecAggParams(run_id=run_id, round=integer("round"),
+                              site_ids=integers("site_ids"), threshold=integer("threshold"),
+                              neighbours=neighbours if neighbours > 0 else None,
+                              clip_range=float(clip), max_sites=integer("max_sites"),
+                              count_cap=integer("count_cap"),
+                              vector_length=integer("vector_length"),
+                              segments=tuple(integers("segments")))
+        params.validate()
+        return params
+
     def validate(self) -> None:
         """Raise a one-line SecAggError for any parameter the protocol cannot run with."""
         if not isinstance(self.run_id, str) or not self.run_id:
@@ -456,11 +504,7 @@ def client_to_state(client: SecAggClient) -> bytes:
 
     p = client.params
     blob = {
-        "params": {"run_id": p.run_id, "round": p.round, "site_ids": list(p.site_ids),
-                   "threshold": p.threshold, "neighbours": p.neighbours,
-                   "clip_range": p.clip_range, "max_sites": p.max_sites,
-                   "count_cap": p.count_cap, "vector_length": p.vector_length,
-                   "segments": list(p.segments)},
+        "params": p.to_record(),
         "my_id": client.my_id, "stage": client._stage, "c_sk": sk(client._c_sk),
         "s_sk": sk(client._s_sk), "c_pk": client._c_pk.hex(), "s_pk": client._s_pk.hex(),
         "b": _hex(client._b),
@@ -478,11 +522,8 @@ def client_from_state(data: bytes) -> SecAggClient:
 
     try:
         blob = json.loads(data)
-        raw = dict(blob["params"])
-        raw["segments"] = tuple(int(n) for n in raw.get("segments", ()))
-        params = SecAggParams(**raw)
+        params = SecAggParams.from_record(dict(blob["params"]))
         client = SecAggClient.__new__(SecAggClient)
-        params.validate()
         client.params = params
         client.my_id = int(blob["my_id"])
         client._neighbours = neighbourhood(client.my_id, params)

@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from mmfed import wire as messages
+from mmfed import wire
 from mmfed.config import RunConfig
 from mmfed.data.reader import load_site
 from mmfed.errors import DataError, MmfedError
@@ -173,8 +173,8 @@ class Federation:
         from mmfed.ml.model import build_model
 
         nodes = wait_for_nodes(self.grid, self.expected, min(self.timeout, 300.0))
-        request = messages.request(self.cfg, 0)
-        ok, failed = exchange(self.grid, dict.fromkeys(nodes, request), messages.STATS, 0,
+        request = wire.request(self.cfg, 0)
+        ok, failed = exchange(self.grid, dict.fromkeys(nodes, request), wire.STATS, 0,
                               self.timeout)
         for node, reason in failed.items():
             log.warning("node %s left out: %s", node, reason)
@@ -184,8 +184,7 @@ class Federation:
                              f"{self.cfg['federation.min_sites']}): {reasons}")
         stats = []
         for node, reply in sorted(ok.items()):
-            record = dict(reply.content.config_records["site"])
-            name = str(record.pop("name"))
+            name, record = wire.site_of(reply.content)
             if name in {s.name for s in self.sites.values()}:
                 raise MmfedError(f"two nodes report the same site name {name!r}")
             self.sites[node] = SiteRef(node, name)
@@ -205,10 +204,10 @@ class Federation:
     def train_round(self, round_num: int, schema: FeatureSchema,
                     state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
                                                            dict[str, Any]]:
-        request = messages.request(self.cfg, round_num, schema, state)
+        request = wire.request(self.cfg, round_num, schema, state)
         nodes = self.sample(round_num)
         start = time.perf_counter()
-        ok, failed = exchange(self.grid, dict.fromkeys(nodes, request), messages.TRAIN,
+        ok, failed = exchange(self.grid, dict.fromkeys(nodes, request), wire.TRAIN,
                               round_num, self.remaining())
         sites: dict[str, dict[str, Any]] = {}
         updates: list[tuple[dict[str, np.ndarray], dict[str, int]]] = []
@@ -220,14 +219,14 @@ class Federation:
         # by site name, not arrival order: float sums then do not depend on timing
         for node, reply in sorted(ok.items(), key=lambda item: self.sites[item[0]].name):
             name = self.sites[node].name
-            metrics = messages.metrics_of(reply.content)
+            metrics = wire.metrics_of(reply.content)
             if metrics.get("declined"):
                 sites[name] = declined_entry(round_num, name, metrics)
                 continue
-            if "model" not in reply.content.array_records:
+            update = wire.model_of(reply.content)
+            if update is None:
                 sites[name] = {"status": "dropped", "reason": "reply without a model"}
                 continue
-            update = messages.arrays_to_numpy(reply.content.array_records["model"])
             problem = validate_update(update, state,
                                       float(self.cfg["aggregation.max_update_norm"]))
             if problem is not None or metrics.get("num_examples", 0) <= 0:
@@ -235,7 +234,7 @@ class Federation:
                 log.warning("round %d: update from %s rejected: %s", round_num, name, reason)
                 sites[name] = {"status": "dropped", "reason": f"rejected: {reason}"}
                 continue
-            bytes_up += messages.state_bytes(update)
+            bytes_up += wire.state_bytes(update)
             counts = {m: int(metrics.get(f"count_{m}", 0)) for m in MODALITY_NAMES}
             updates.append((update, group_weights(int(metrics["num_examples"]), counts,
                                                   self.cfg["aggregation.modality_aware"])))
@@ -248,7 +247,7 @@ class Federation:
         else:
             new_state = self.aggregate(updates, state)
         return new_state, round_info(sites, len(updates), bytes_up,
-                                     messages.state_bytes(state) * len(nodes), train_seconds)
+                                     wire.state_bytes(state) * len(nodes), train_seconds)
 
     def aggregate(self, updates: list[tuple[dict[str, np.ndarray], dict[str, int]]],
                   reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -282,11 +281,11 @@ class Federation:
 
     def local_eval(self, round_num: int, schema: FeatureSchema, state: dict[str, np.ndarray],
                    sites: dict[str, dict[str, Any]]) -> None:
-        request = messages.request(self.cfg, round_num, schema, state)
+        request = wire.request(self.cfg, round_num, schema, state)
         ok, failed = exchange(self.grid, dict.fromkeys(sorted(self.sites), request),
-                              messages.EVALUATE, round_num, self.timeout)
+                              wire.EVALUATE, round_num, self.timeout)
         for node, reply in ok.items():
-            figures = messages.metrics_of(reply.content)
+            figures = wire.metrics_of(reply.content)
             entry = sites.setdefault(self.sites[node].name, {"status": "dropped"})
             entry["local"] = {k: float(v) for k, v in figures.items()}
         for node, reason in failed.items():
@@ -388,12 +387,15 @@ class Federation:
         fresh = [n for n in self.grid.get_node_ids() if n not in known]
         if not fresh:
             return
-        request = messages.request(self.cfg, round_num)
-        ok, failed = exchange(self.grid, dict.fromkeys(fresh, request), messages.STATS,
+        request = wire.request(self.cfg, round_num)
+        ok, failed = exchange(self.grid, dict.fromkeys(fresh, request), wire.STATS,
                               round_num, min(self.remaining(), 60.0))
         names = {ref.name: node for node, ref in self.sites.items()}
         for node, reply in ok.items():
-            name = str(reply.content.config_records["site"].get("name", ""))
+            try:
+                name, _ = wire.site_of(reply.content)
+            except wire.WireError:
+                name = ""
             if name not in names:
                 log.warning("round %d: node %s (site %r) is not part of this federation; "
                             "ignored", round_num, node, name)

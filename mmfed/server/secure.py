@@ -14,16 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
 
-from mmfed import wire as messages
+from mmfed import wire
 from mmfed.config import RunConfig
 from mmfed.errors import MmfedError
 from mmfed.ml.features import FeatureSchema
 from mmfed.ml.updates import apply_delta, segment_layout, vector_length
 from mmfed.secagg import SecAggAborted, SecAggError, SecAggParams, SecAggServer
 from mmfed.secagg.quantize import levels
-from mmfed.site.secagg import blobs, ints
 
 log = logging.getLogger("mmfed")
 
@@ -61,30 +59,6 @@ class StageLog:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def _record_bytes(content: RecordDict) -> int:
-    total = 0
-    for arrays in content.array_records.values():
-        total += sum(len(arr.data) for arr in arrays.values())
-    for config in content.config_records.values():
-        for value in config.values():
-            if isinstance(value, bytes):
-                total += len(value)
-            elif isinstance(value, list):
-                total += sum(len(v) if isinstance(v, bytes) else 8 for v in value)
-            else:
-                total += 8
-    return total
-
-
-def _stage_content(round_num: int, site: str, cfg: RunConfig, payload: ConfigRecord
-                   ) -> RecordDict:
-    content = RecordDict()
-    content["stage"] = ConfigRecord({"round": round_num, "site": site,
-                                     "faults": list(cfg["faults.drop"])})
-    content["secagg"] = payload
-    return content
-
-
 def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
                        state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
                                                               dict[str, Any]]:
@@ -107,6 +81,9 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
     log_ = StageLog()
     sites: dict[str, dict[str, Any]] = {}
 
+    def stage_of(sid: int) -> wire.Stage:
+        return wire.Stage(round_num, name_of[sid], tuple(cfg["faults.drop"]))
+
     def fail(sid: int, stage: str, reason: str) -> None:
         if name_of[sid] not in sites or sites[name_of[sid]]["status"] == "trained":
             log.warning("round %d: %s dropped at %s: %s", round_num, name_of[sid], stage,
@@ -117,44 +94,29 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
 
     # Stage 1: train; replies carry metrics and public keys, never the update.
     start = time.perf_counter()
-    base = messages.request(cfg, round_num, schema, state)
+    base = wire.request(cfg, round_num, schema, state)
+    groups = tuple(g for g, _ in layout)
     contents = {}
     for node in nodes:
-        content = RecordDict()
-        for key, config in base.config_records.items():
-            content[key] = config
-        for key, arrays in base.array_records.items():
-            content[key] = arrays
-        content["secagg"] = ConfigRecord({
-            "run_id": params.run_id, "round": round_num, "site_ids": params.site_ids,
-            "my_id": sid_of[node], "threshold": params.threshold,
-            "neighbours": params.neighbours or 0, "clip_range": params.clip_range,
-            "max_sites": params.max_sites, "count_cap": params.count_cap,
-            "vector_length": d, "segments": list(params.segments),
-            "segment_groups": [g for g, _ in layout]})
-        contents[node] = content
-        log_.bytes_down += _record_bytes(content)
-    ok, failed = exchange(fed.grid, contents, messages.TRAIN, round_num,
+        contents[node] = wire.with_secagg(base, wire.SecAggRequest(params, sid_of[node], groups))
+        log_.bytes_down += wire.record_bytes(contents[node])
+    ok, failed = exchange(fed.grid, contents, wire.TRAIN, round_num,
                           fed.remaining(TRAIN_SHARE))
     advertised: dict[int, dict[str, bytes]] = {}
     for node, reason in failed.items():
         fail(sid_of[node], "train", reason)
     for node, reply in ok.items():
         sid = sid_of[node]
-        metrics = messages.metrics_of(reply.content)
-        log_.bytes_up += _record_bytes(reply.content)
+        metrics = wire.metrics_of(reply.content)
+        log_.bytes_up += wire.record_bytes(reply.content)
         if metrics.get("declined"):
             sites[name_of[sid]] = declined_entry(round_num, name_of[sid], metrics)
             continue
-        if "secagg" not in reply.content.config_records:
-            fail(sid, "train", "reply without public keys")
+        try:
+            advertised[sid] = wire.public_keys_of(reply.content)
+        except wire.WireError as exc:
+            fail(sid, "train", str(exc))
             continue
-        pk = reply.content.config_records["secagg"]
-        c_pk, s_pk = pk.get("c_pk"), pk.get("s_pk")
-        if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes):
-            fail(sid, "train", "malformed public keys")
-            continue
-        advertised[sid] = {"c_pk": c_pk, "s_pk": s_pk}
         sites[name_of[sid]] = trained_entry(metrics)
     log_.timed("train", start)
 
@@ -172,20 +134,17 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
         server.collect_keys(advertised)
         contents = {}
         for sid in advertised:
-            pks = server.keys_for(sid)
-            payload = ConfigRecord({"ids": list(pks), "c_pk": [v["c_pk"] for v in pks.values()],
-                                    "s_pk": [v["s_pk"] for v in pks.values()]})
-            contents[node_of[sid]] = _stage_content(round_num, name_of[sid], cfg, payload)
-            log_.bytes_down += _record_bytes(contents[node_of[sid]])
-        ok, failed = exchange(fed.grid, contents, messages.SECAGG_SHARE, round_num,
+            payload = wire.peer_keys(server.keys_for(sid))
+            contents[node_of[sid]] = wire.stage_content(stage_of(sid), payload)
+            log_.bytes_down += wire.record_bytes(contents[node_of[sid]])
+        ok, failed = exchange(fed.grid, contents, wire.SECAGG_SHARE, round_num,
                               fed.remaining())
         for node, reason in failed.items():
             fail(sid_of[node], "share", reason)
         shares: dict[int, dict[int, bytes]] = {}
         for node, reply in ok.items():
-            rec = reply.content.config_records["secagg"]
-            shares[sid_of[node]] = dict(zip(ints(rec["to"]), blobs(rec["ct"]), strict=True))
-            log_.bytes_up += _record_bytes(reply.content)
+            shares[sid_of[node]] = wire.shares_of(reply.content.config_records[wire.SECAGG])
+            log_.bytes_up += wire.record_bytes(reply.content)
         routed = server.route(shares)
         log_.timed("share", start)
 
@@ -193,17 +152,16 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
         start = time.perf_counter()
         contents = {}
         for sid in shares:
-            mine = routed.get(sid, {})
-            payload = ConfigRecord({"from": list(mine), "ct": list(mine.values())})
-            contents[node_of[sid]] = _stage_content(round_num, name_of[sid], cfg, payload)
-            log_.bytes_down += _record_bytes(contents[node_of[sid]])
-        ok, failed = exchange(fed.grid, contents, messages.SECAGG_MASK, round_num,
+            payload = wire.routed(routed.get(sid, {}))
+            contents[node_of[sid]] = wire.stage_content(stage_of(sid), payload)
+            log_.bytes_down += wire.record_bytes(contents[node_of[sid]])
+        ok, failed = exchange(fed.grid, contents, wire.SECAGG_MASK, round_num,
                               fed.remaining())
         for node, reason in failed.items():
             fail(sid_of[node], "mask", reason)
         masked: dict[int, np.ndarray] = {}
         for node, reply in ok.items():
-            vec = reply.content.array_records["masked"]["y"].numpy()
+            vec = wire.masked_of(reply.content)
             if vec.dtype != np.uint32 or vec.shape != (d + params.n_weights,):
                 fail(sid_of[node], "mask", f"masked vector of {vec.dtype} {vec.shape}")
                 continue
@@ -214,21 +172,19 @@ def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
 
         # Stage 4: reveal the shares that remove the masks.
         start = time.perf_counter()
-        payload = ConfigRecord({"survivors": survivors, "dropped": dropped})
-        contents = {node_of[sid]: _stage_content(round_num, name_of[sid], cfg, payload)
+        payload = wire.unmask_request(survivors, dropped)
+        contents = {node_of[sid]: wire.stage_content(stage_of(sid), payload)
                     for sid in survivors}
-        log_.bytes_down += sum(_record_bytes(c) for c in contents.values())
-        ok, failed = exchange(fed.grid, contents, messages.SECAGG_UNMASK, round_num,
+        log_.bytes_down += sum(wire.record_bytes(c) for c in contents.values())
+        ok, failed = exchange(fed.grid, contents, wire.SECAGG_UNMASK, round_num,
                               fed.remaining())
         for node, reason in failed.items():
             log.warning("round %d: %s failed to unmask: %s", round_num,
                         name_of[sid_of[node]], reason)
         reveals: dict[int, dict[int, bytes]] = {}
         for node, reply in ok.items():
-            rec = reply.content.config_records["secagg"]
-            reveals[sid_of[node]] = dict(zip(ints(rec["of"]), blobs(rec["share"]),
-                                             strict=True))
-            log_.bytes_up += _record_bytes(reply.content)
+            reveals[sid_of[node]] = wire.reveals_of(reply.content.config_records[wire.SECAGG])
+            log_.bytes_up += wire.record_bytes(reply.content)
         mean, _total, used = server.aggregate(masked, reveals)
         log_.timed("unmask", start)
     except SecAggAborted as exc:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from mmfed import wire as messages
+from mmfed import wire
 from mmfed.errors import MmfedError
 from mmfed.ml.updates import flat_delta, group_weights
 from mmfed.site import faults
@@ -28,83 +28,78 @@ def _guard(handler: Callable[[Message, Context], Message]) -> Callable[[Message,
         try:
             return handler(msg, context)
         except MmfedError as exc:
-            return Message(Error(messages.ERR_SITE, str(exc)), reply_to=msg)
+            return Message(Error(wire.ERR_SITE, str(exc)), reply_to=msg)
     return run
 
 
-@app.query("stats")
+@app.query(wire.ACTION_STATS)
 @_guard
 def stats(msg: Message, context: Context) -> Message:
-    cfg, _, _, _ = messages.read_request(msg.content)
+    cfg, _, _, _ = wire.read_request(msg.content)
     folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
     name, stats_cfg = site_runtime.stats_for(folder)
-    return Message(messages.reply_content(name, config=stats_cfg), reply_to=msg)
+    return Message(wire.reply_content(name, config=stats_cfg), reply_to=msg)
 
 
 @app.train()
 @_guard
 def train(msg: Message, context: Context) -> Message:
-    cfg, round_num, schema, state = messages.read_request(msg.content)
+    cfg, round_num, schema, state = wire.read_request(msg.content)
     if schema is None or state is None:
         raise MmfedError("train request without schema or model")
     folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
     name = site_runtime.get_site(folder).name
     site_secagg.check_fault(list(cfg["faults.drop"]), name, round_num, "train")
+    secagg = wire.secagg_request_of(msg.content)  # malformed: refused before training
     outcome = site_runtime.train_round(folder, cfg, schema, state, round_num,
                                        dict(context.node_config))
-    secure = "secagg" in msg.content.config_records
     kind = faults.corruption(list(cfg["faults.corrupt"]), name, round_num)
-    if kind and outcome.state is not None and not secure:  # drill: send a bad update
+    if kind and outcome.state is not None and secagg is None:  # drill: send a bad update
         outcome.state = faults.corrupt_state(outcome.state, state, kind)
-    if not secure or outcome.state is None:
+    if secagg is None or outcome.state is None:
         counts = {f"count_{m}": float(c) for m, c in outcome.counts.items()}
-        reply = messages.reply_content(name, state=outcome.state,
-                                       metrics={**outcome.metrics, **counts})
+        reply = wire.reply_content(name, state=outcome.state,
+                                   metrics={**outcome.metrics, **counts})
         return Message(reply, reply_to=msg)
     # Secure aggregation: the update stays here; only public keys leave with the metrics.
     update = flat_delta(outcome.state, state)
     if kind:  # drill: corrupted before the guard, so that the guard is what stops it
         update = faults.corrupt_vector(update, kind)
-    update = site_secagg.guard(dict(msg.content.config_records["secagg"]), update,
-                               float(cfg["aggregation.max_update_norm"]))
+    update = site_secagg.guard(secagg, update, float(cfg["aggregation.max_update_norm"]))
     num_examples = int(outcome.metrics["num_examples"])
-    pks = site_secagg.begin(context.state, dict(msg.content.config_records["secagg"]),
-                            update, num_examples,
+    pks = site_secagg.begin(context.state, secagg, update, num_examples,
                             group_weights(num_examples, outcome.counts, True))
-    reply = messages.reply_content(name, metrics=outcome.metrics)
-    reply["secagg"] = pks
+    reply = wire.reply_content(name, metrics=outcome.metrics)
+    reply[wire.SECAGG] = pks
     return Message(reply, reply_to=msg)
 
 
 def _secagg_stage(msg: Message, context: Context, stage: str) -> Message:
-    raw = dict(msg.content.config_records["stage"])
-    round_num = int(raw["round"])  # type: ignore[arg-type]
-    faults = [str(f) for f in raw.get("faults", [])]  # type: ignore[union-attr]
-    site_secagg.check_fault(faults, str(raw.get("site", "")), round_num, stage)
-    request = msg.content.config_records["secagg"]
+    header, request = wire.read_stage(msg.content)
+    site_secagg.check_fault(list(header.faults), header.site, header.round, stage)
     reply = RecordDict()
     if stage == "share":
-        reply["secagg"] = site_secagg.share(context.state, request, round_num)
+        reply[wire.SECAGG] = site_secagg.share(context.state, request, header.round)
     elif stage == "mask":
-        reply["masked"] = site_secagg.mask(context.state, request, round_num)
+        reply[wire.MASKED] = site_secagg.mask(context.state, request, header.round)
     else:
-        reply["secagg"] = site_secagg.unmask(context.state, request, round_num)
+        reply[wire.SECAGG] = site_secagg.unmask(context.state, request, header.round)
     return Message(reply, reply_to=msg)
 
 
-@app.query("secagg_share")
+@app.query(wire.ACTION_SHARE)
 @_guard
 def secagg_share(msg: Message, context: Context) -> Message:
     return _secagg_stage(msg, context, "share")
 
 
-@app.query("secagg_mask")
+@app.query(wire.ACTION_MASK)
 @_guard
 def secagg_mask(msg: Message, context: Context) -> Message:
     return _secagg_stage(msg, context, "mask")
 
 
-@app.query("secagg_unmask")
+@app.query(wire.ACTION_UNMASK)
 @_guard
 def secagg_unmask(msg: Message, context: Context) -> Message:
     return _secagg_stage(msg, context, "unmask")
@@ -113,10 +108,10 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_guard
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, _, schema, state = messages.read_request(msg.content)
+    cfg, _, schema, state = wire.read_request(msg.content)
     if schema is None or state is None:
         raise MmfedError("evaluate request without schema or model")
     folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
     figures = site_runtime.evaluate_round(folder, cfg, schema, state)
     name = site_runtime.get_site(folder).name
-    return Message(messages.reply_content(name, metrics=figures), reply_to=msg)
+    return Message(wire.reply_content(name, metrics=figures), reply_to=msg)

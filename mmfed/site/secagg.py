@@ -12,44 +12,18 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from mmfed import wire
 from mmfed.errors import MmfedError
-from mmfed.secagg import SecAggClient, SecAggParams, client_from_state, client_to_state
+from mmfed.secagg import SecAggClient, client_from_state, client_to_state
 
 STATE = "mmfed.secagg"
 UPDATE = "mmfed.secagg.update"
-STAGES = ("train", "share", "mask", "unmask")
 
 
-def ints(value: object) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
-        raise MmfedError("malformed secure aggregation message (expected integers)")
-    return [int(v) for v in value]
-
-
-def blobs(value: object) -> list[bytes]:
-    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
-        raise MmfedError("malformed secure aggregation message (expected bytes)")
-    return [bytes(v) for v in value]
-
-
-def params_from(record: dict[str, Any]) -> tuple[SecAggParams, int]:
-    neighbours = int(record["neighbours"])
-    params = SecAggParams(run_id=str(record["run_id"]), round=int(record["round"]),
-                          site_ids=[int(i) for i in record["site_ids"]],
-                          threshold=int(record["threshold"]),
-                          neighbours=neighbours if neighbours > 0 else None,
-                          clip_range=float(record["clip_range"]),
-                          max_sites=int(record["max_sites"]),
-                          count_cap=int(record["count_cap"]),
-                          vector_length=int(record["vector_length"]),
-                          segments=tuple(int(n) for n in record.get("segments", [])))
-    return params, int(record["my_id"])
-
-
-def segment_weights(record: dict[str, Any], num_examples: int,
+def segment_weights(request: wire.SecAggRequest, num_examples: int,
                     group_weights: dict[str, int] | None) -> list[int]:
     """This site's count for each segment the server laid out (by weight group name)."""
-    groups = [str(g) for g in record.get("segment_groups", [])]
+    groups = list(request.segment_groups)
     if not groups:
         return [int(num_examples)]
     weights = group_weights or {}
@@ -65,7 +39,7 @@ def check_fault(faults: list[str], site: str, round_num: int, stage: str) -> Non
         raise MmfedError(f"{site}: injected failure at round {round_num}, stage {stage}")
 
 
-def guard(record: dict[str, Any], update: np.ndarray, max_norm: float) -> np.ndarray:
+def guard(request: wire.SecAggRequest, update: np.ndarray, max_norm: float) -> np.ndarray:
     """The site's own check of its update before masking; returns it clipped.
 
     Once masked, an update cannot be inspected by anyone, so an honest site checks
@@ -78,7 +52,7 @@ def guard(record: dict[str, Any], update: np.ndarray, max_norm: float) -> np.nda
     unmasked aggregate (finite, norm within bound) and keeps the previous model if
     it fails.
     """
-    expected = int(record["vector_length"])
+    expected = request.params.vector_length
     vec = np.asarray(update)
     if vec.ndim != 1 or vec.size != expected:
         raise MmfedError(f"update guard: the update has {vec.size} values, the model "
@@ -91,7 +65,7 @@ def guard(record: dict[str, Any], update: np.ndarray, max_norm: float) -> np.nda
     if max_norm > 0 and norm > max_norm:
         raise MmfedError(f"update guard: update norm {norm:.4g} exceeds the bound "
                          f"{max_norm:g} (aggregation.max_update_norm); not masking it")
-    clip = float(record["clip_range"])
+    clip = request.params.clip_range
     return np.clip(vec, -clip, clip).astype(np.float32)
 
 
@@ -117,45 +91,42 @@ def _load(state: RecordDict, params_round: int | None = None) -> tuple[SecAggCli
     return client, record
 
 
-def begin(state: RecordDict, record: dict[str, Any], update: np.ndarray,
+def begin(state: RecordDict, request: wire.SecAggRequest, update: np.ndarray,
           num_examples: int, group_weights: dict[str, int] | None = None) -> ConfigRecord:
     """After training: create this round's client, keep secrets, advertise public keys.
 
     ``group_weights`` (patients per modality, examples for the rest) stay in the
     site's state and only ever leave inside the masked vector.
     """
-    params, my_id = params_from(record)
-    counts = segment_weights(record, num_examples, group_weights)
-    client = SecAggClient(params, my_id)
+    counts = segment_weights(request, num_examples, group_weights)
+    client = SecAggClient(request.params, request.my_id)
     pks = client.advertise()
     state[UPDATE] = ArrayRecord({"u": Array(np.ascontiguousarray(update, dtype=np.float32))})
     _save(state, client, {"num_examples": int(num_examples), "counts": counts})
-    return ConfigRecord({"c_pk": pks["c_pk"], "s_pk": pks["s_pk"]})
+    return wire.public_keys(pks)
 
 
 def share(state: RecordDict, request: ConfigRecord, round_num: int) -> ConfigRecord:
     client, _ = _load(state, round_num)
-    ids = ints(request["ids"])
-    pks = {i: {"c_pk": c, "s_pk": s} for i, c, s in zip(
-        ids, blobs(request["c_pk"]), blobs(request["s_pk"]), strict=True)}
-    out = client.share_keys(pks)
+    out = client.share_keys(wire.peer_keys_of(request))
     _save(state, client)
-    return ConfigRecord({"to": list(out), "ct": list(out.values())})
+    return wire.shares(out)
 
 
 def mask(state: RecordDict, request: ConfigRecord, round_num: int) -> ArrayRecord:
     client, record = _load(state, round_num)
-    cts = dict(zip(ints(request["from"]), blobs(request["ct"]), strict=True))
+    cts = wire.routed_of(request)
     update = state.array_records[UPDATE]["u"].numpy()
-    counts = ints(record.get("counts", [record["num_examples"]]))
+    counts = wire.ints(record.get("counts", [record["num_examples"]]))
     masked = client.masked_input(cts, update, counts if client.params.segments else counts[0])
     del state[UPDATE]  # the plaintext update is no longer needed
     _save(state, client)
-    return ArrayRecord({"y": Array(masked)})
+    return wire.masked(masked)
 
 
 def unmask(state: RecordDict, request: ConfigRecord, round_num: int) -> ConfigRecord:
     client, _ = _load(state, round_num)
-    reveals = client.unmask(ints(request["survivors"]), ints(request["dropped"]))
+    survivors, dropped = wire.unmask_request_of(request)
+    out = client.unmask(survivors, dropped)
     del state[STATE]
-    return ConfigRecord({"of": list(reveals), "share": list(reveals.values())})
+    return wire.reveals(out)
