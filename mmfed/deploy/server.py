@@ -312,7 +312,7 @@ def serve(plan: ServerPlan, *, live: bool | None = None) -> int:
 
 def _write_deployment(plan: ServerPlan, node_ids: dict[str, int], public: str) -> None:
     """Who was admitted, for the record (public fingerprints only, nothing secret)."""
-    from mmfed.run.rundir import atomic_write_bytes
+    from mmfed.files import atomic_write_bytes
 
     record = {"address": public, "tls": plan.tls is not None,
               "supernode_auth": plan.tls is not None, "sites_expected": plan.sites,

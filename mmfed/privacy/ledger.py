@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from mmfed.errors import DataError
+from mmfed.files import atomic_write_bytes
 from mmfed.privacy.accounting import Event, epsilon_of
-from mmfed.run.rundir import atomic_write_bytes
 
 DEFAULT_LEDGER_DIR = Path("~/.mmfed/privacy-ledger")
 # Where the ledger lives when no config names one: lets a container image or a test

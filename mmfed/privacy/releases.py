@@ -22,19 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from mmfed.run.rundir import atomic_write_bytes
+from mmfed.files import atomic_write_bytes
 
 KEEP_ROUNDS = 2
-
-
-def state_hash(state: dict[str, np.ndarray]) -> str:
-    """Hash of a model's parameters (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        arr = np.ascontiguousarray(state[key])
-        digest.update(f"{key}|{arr.dtype.str}|{arr.shape}".encode())
-        digest.update(arr.tobytes())
-    return digest.hexdigest()
 
 
 class ReleaseCache:

@@ -23,9 +23,8 @@ import numpy as np
 
 from mmfed.config import RunConfig
 from mmfed.errors import DataError, UsageError
+from mmfed.files import atomic_write_bytes, state_hash
 from mmfed.ml.features import FeatureSchema
-from mmfed.privacy.releases import state_hash
-from mmfed.run.rundir import atomic_write_bytes
 
 CHECKPOINT = re.compile(r"^round-(\d{4,})\.pt$")
 

@@ -16,22 +16,8 @@ import numpy as np
 
 from mmfed.config import RunConfig
 from mmfed.errors import UsageError
+from mmfed.files import atomic_write_bytes, state_hash
 from mmfed.ml.features import FeatureSchema
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _json_default(obj: Any) -> Any:
@@ -59,8 +45,6 @@ def model_payload(state: dict[str, np.ndarray], schema: FeatureSchema, cfg: RunC
                   round_num: int) -> bytes:
     """A self-describing model file: weights plus what is needed to rebuild the model."""
     import torch
-
-    from mmfed.privacy.releases import state_hash
 
     buf = io.BytesIO()
     torch.save({"format": "mmfed-model/1", "round": round_num,

@@ -180,7 +180,8 @@ def train_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
         from mmfed.privacy.budget import SiteBudget
         from mmfed.privacy.dp_sgd import train_private
         from mmfed.privacy.ledger import ledger_dir
-        from mmfed.privacy.releases import ReleaseCache, state_hash
+        from mmfed.files import state_hash
+        from mmfed.privacy.releases import ReleaseCache
 
         run_id = cfg["run_id"] or "unnamed-run"
         ledger_root = str(node_config.get("ledger-dir") or cfg["privacy.ledger_dir"])
