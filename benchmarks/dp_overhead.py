@@ -35,7 +35,7 @@ from mmfed.data.synth import SynthSettings, synthesize
 from mmfed.ml.features import encode, local_stats, merge_stats
 from mmfed.ml.model import build_model
 from mmfed.ml.training import make_loss, make_optimizer, tensor_dataset
-from mmfed.privacy.dp_sgd import dropout_off, make_private
+from mmfed.privacy.dp_sgd import NoiseSource, dropout_off, make_private
 
 Step = Callable[[], None]
 
@@ -162,7 +162,8 @@ def main() -> None:
     # both modes see identical batch shapes.
     pmodel, popt, pcrit, _ = make_private(
         dp_model, loader, make_loss(enc.labels, 2, spec).to(device), spec, sigma=1.0,
-        max_grad_norm=cfg["privacy.max_grad_norm"], mode=mode, seed=0, poisson=False)
+        max_grad_norm=cfg["privacy.max_grad_norm"], mode=mode,
+        source=NoiseSource.from_os(device), poisson=False)
     dp_step = stepper(pmodel, popt, pcrit)
 
     def private() -> None:

@@ -116,15 +116,22 @@ def test_dp_training_turns_dropout_off_only_while_it_runs(
                              seed=1)
     assert {n: m.p for n, m in model.named_modules() if isinstance(m, nn.Dropout)} == rates
     # Without dropout a DP step is a deterministic function of the batch and the noise:
-    # the same seed gives the same model twice.
-    twins = [build_model(schema, seed=6) for _ in range(2)]
-    for twin in twins:
+    # the same (debug-seeded) noise gives the same model twice, while the OS-keyed noise
+    # a site really uses differs from run to run, whatever the seed.
+    def trained(source: dp_sgd.NoiseSource | None) -> dict[str, torch.Tensor]:
+        twin = build_model(schema, seed=6)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dp_sgd.train_private(twin, enc, TrainSpec(batch_size=16, epochs=1), 2, 1.0, 1.0,
-                                 seed=2)
-    a, b = (t.state_dict() for t in twins)
+            dp_sgd.train_private(twin, enc, TrainSpec(batch_size=16, epochs=1), 2, 1.0,
+                                 1.0, seed=2, source=source)
+        return twin.state_dict()
+
+    cpu = torch.device("cpu")
+    a, b = (trained(dp_sgd.NoiseSource.seeded(cpu, 11)) for _ in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    c, d = trained(None), trained(None)
+    assert any(not torch.equal(c[k], d[k]) for k in c)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_default_model_stays_small(cohort: tuple[FeatureSchema, EncodedSite]) -> None:

@@ -31,6 +31,7 @@ from mmfed.ml.training import (
     tensor_dataset,
     train_epochs,
 )
+from mmfed.privacy.rng import os_generator, seeded_generator
 
 log = logging.getLogger("mmfed")
 _SAMPLERS_REGISTERED = False
@@ -104,9 +105,27 @@ def dropout_off(model: nn.Module) -> Iterator[None]:
             m.p = p
 
 
+@dataclass(frozen=True)
+class NoiseSource:
+    """Where DP-SGD's randomness comes from: Gaussian noise on the parameters' device,
+    Poisson sampling on the CPU (Opacus's sampler draws there)."""
+
+    noise: torch.Generator
+    sampling: torch.Generator
+
+    @staticmethod
+    def from_os(device: torch.device) -> NoiseSource:
+        return NoiseSource(os_generator(device), os_generator("cpu"))
+
+    @staticmethod
+    def seeded(device: torch.device, seed: int) -> NoiseSource:
+        """Replayable by whoever knows ``seed``: debugging simulations only."""
+        return NoiseSource(seeded_generator(device, seed), seeded_generator("cpu", seed + 1))
+
+
 def make_private(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]],
                  loss_fn: nn.Module, spec: TrainSpec, sigma: float, max_grad_norm: float,
-                 mode: str, seed: int, poisson: bool = True
+                 mode: str, source: NoiseSource, poisson: bool = True
                  ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module,
                             DataLoader[tuple[torch.Tensor, ...]]]:
     """Wrap model, optimiser, loss and loader for DP-SGD in one place.
@@ -114,52 +133,68 @@ def make_private(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]],
     Training and ``benchmarks/dp_overhead.py`` both call this, so the benchmark
     measures exactly what a site runs. ``poisson=False`` (fixed batches) is for
     benchmarks only: the privacy accounting assumes Poisson sampling.
+
+    Opacus's ``secure_mode`` would do two things, both wanted: a CSPRNG for noise and
+    sampling, and noise drawn as a sum of four Gaussians, which defeats the
+    floating-point attacks on a single draw. It insists on ``torchcsprng`` for the
+    first, which does not build here, so the site supplies OS-keyed generators itself
+    (``source``, see :mod:`mmfed.privacy.rng`): the sampler is built with one
+    (``DPDataLoader.from_data_loader``), the optimiser draws with the other, and the
+    optimiser's ``secure_mode`` is switched on for the four-sample noise.
     """
     from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
 
     register_samplers()
-    engine = PrivacyEngine(accountant="rdp")
-    optimizer = make_optimizer(model, spec)
-    # Opacus draws the noise where the parameters live, and a generator only feeds
-    # draws on its own device: a CPU generator fails every CUDA step.
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if mode == "ghost":
-            pmodel, popt, pcrit, ploader = engine.make_private(
-                module=model, optimizer=optimizer, criterion=loss_fn, data_loader=loader,
-                noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-                poisson_sampling=poisson, grad_sample_mode="ghost", noise_generator=gen)
-            return pmodel, popt, pcrit, ploader
-        pmodel, popt, ploader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=max_grad_norm, poisson_sampling=poisson, grad_sample_mode=mode,
-            noise_generator=gen)
-    return pmodel, popt, loss_fn, ploader
+        # The engine warns that its CSPRNG is off; the generators below replace it.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
+    optimizer = make_optimizer(model, spec)
+    if poisson:
+        loader = DPDataLoader.from_data_loader(loader, generator=source.sampling)
+    common = {"module": model, "optimizer": optimizer, "data_loader": loader,
+              "noise_multiplier": sigma, "max_grad_norm": max_grad_norm,
+              "poisson_sampling": False, "noise_generator": source.noise}
+    if mode == "ghost":
+        pmodel, popt, pcrit, ploader = engine.make_private(
+            **common, criterion=loss_fn, grad_sample_mode="ghost")
+    else:
+        pmodel, popt, ploader = engine.make_private(**common, grad_sample_mode=mode)
+        pcrit = loss_fn
+    popt.secure_mode = True  # four Gaussian draws per noise value (see above)
+    if poisson:
+        pmodel.forbid_grad_accumulation()  # what Opacus does for its own Poisson loader
+    return pmodel, popt, pcrit, ploader
 
 
 def train_private(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes: int,
                   sigma: float, max_grad_norm: float, seed: int,
-                  device: torch.device | None = None, mode: str = "hooks") -> DPResult:
-    """Train ``model`` in place with DP-SGD; its plain state_dict holds the result."""
+                  device: torch.device | None = None, mode: str = "hooks",
+                  source: NoiseSource | None = None) -> DPResult:
+    """Train ``model`` in place with DP-SGD; its plain state_dict holds the result.
+
+    ``seed`` drives only what needs no secrecy (modality dropout); the noise and the
+    Poisson sampling come from ``source``, by default fresh OS-keyed generators.
+    """
     device = device or torch.device("cpu")
     model.to(device)
+    source = source or NoiseSource.from_os(device)
     enc = restrict_modalities(enc, spec.modalities)
     loader: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(
         tensor_dataset(enc), batch_size=spec.batch_size)
     loss_fn = make_loss(enc.labels, n_classes, spec).to(device)
-    torch.manual_seed(seed)
     model.train()
     try:
         pmodel, popt, pcrit, ploader = make_private(model, loader, loss_fn, spec, sigma,
-                                                    max_grad_norm, mode, seed)
+                                                    max_grad_norm, mode, source)
     except (NotImplementedError, ValueError) as exc:
         if mode != "ghost":
             raise
         log.info("ghost clipping unavailable (%s); using per-sample gradient hooks", exc)
         mode = "hooks"
         pmodel, popt, pcrit, ploader = make_private(model, loader, loss_fn, spec, sigma,
-                                                    max_grad_norm, mode, seed)
+                                                    max_grad_norm, mode, source)
     with dropout_off(model):
         loss, _, draws = train_epochs(pmodel, ploader, popt, pcrit, spec.epochs, device,
                                       spec.modality_dropout, seed)

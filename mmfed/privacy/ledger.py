@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfed.errors import DataError
-from mmfed.files import atomic_write_bytes
+from mmfed.files import PRIVATE_FILE, atomic_write_bytes, private_dir
 from mmfed.privacy.accounting import Event, epsilon_of
 
 DEFAULT_LEDGER_DIR = Path("~/.mmfed/privacy-ledger")
@@ -81,8 +81,10 @@ class PrivacyLedger:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / f".{self.path.name}.lock", "w") as lock:
+        private_dir(self.directory)
+        fd = os.open(self.directory / f".{self.path.name}.lock", os.O_WRONLY | os.O_CREAT,
+                     PRIVATE_FILE)
+        with os.fdopen(fd, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -138,5 +140,5 @@ class PrivacyLedger:
                       "sample_rate": event[1], "steps": event[2], "epsilon": eps,
                       "delta": delta, "accountant": accountant, "time": time.time()}
             text = "".join(json.dumps(r) + "\n" for r in [*existing, record])
-            atomic_write_bytes(self.path, text.encode())
+            atomic_write_bytes(self.path, text.encode(), private=True)
         return self.entries()[-1]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mmfed.files import atomic_write_bytes
+from mmfed.files import atomic_write_bytes, private_dir
 
 KEEP_ROUNDS = 2
 
@@ -60,7 +60,8 @@ class ReleaseCache:
         arrays: dict[str, Any] = {"__meta__": np.frombuffer(json.dumps(meta).encode(),
                                                             dtype=np.uint8), **state}
         np.savez(buf, allow_pickle=False, **arrays)
-        atomic_write_bytes(self._path(run_id, round_num), buf.getvalue())
+        private_dir(self.directory.parent)  # the ledger folder, if this is its first file
+        atomic_write_bytes(self._path(run_id, round_num), buf.getvalue(), private=True)
         for old in range(round_num - KEEP_ROUNDS, 0, -1):
             stale = self._path(run_id, old)
             if not stale.exists():
