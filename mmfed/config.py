@@ -1,221 +1,499 @@
-"""The run configuration: one flat, typed, validated key space.
+"""The run configuration: one typed schema, seen as one flat, validated key space.
 
-The same dotted keys (``train.lr``) work in a TOML file (as nested tables), on the
-command line (``--set train.lr=0.01``), in ``[tool.flwr.app.config]`` and in Flower's
-run config, so a run is reproducible from its ``config.toml`` whichever way it was
-started. Unknown keys, wrong types and out-of-range values are refused before
-anything starts.
+The pydantic models below are the only place a key, its type, default, bounds and
+purpose are written down; the flat dotted keys (``train.lr``), ``DEFAULTS``, the per-site
+privacy fields, the model and training specs, ``configs/default.toml`` and
+``[tool.flwr.app.config]`` all follow from them (tests/test_config.py fails when either
+file drifts). The same keys work in a TOML file (as nested tables), on the command line
+(``--set train.lr=0.01``) and in Flower's run config, so a run is reproducible from its
+``config.toml`` whichever way it was started. Unknown keys, wrong types and out-of-range
+values are refused with a one-line ``ConfigError`` before anything starts.
+
+Cheap Flower message handlers import this module: it must not import torch, numpy,
+pandas or flwr.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmfed.errors import ConfigError
-from mmfed.ml.specs import FUSIONS, MODALITY_NAMES, ModelSpec, TrainSpec
-from mmfed.toml_text import toml_value
 
 Value = bool | int | float | str | list[str]
 
-DEFAULTS: dict[str, Value] = {
-    "seed": 0,
-    "rounds": 5,
-    "data.dir": "",  # federation folder; empty = synthesize into RUN/data
-    "data.sites": 3,
-    "data.patients_per_site": 400,
-    "data.holdout": 600,
-    "data.genes": 2000,
-    "data.patient_missing": 0.1,
-    "data.missing": [],  # synthesized cohort: whole modalities absent, "genomics@site-2"
-    "data.val_fraction": 0.15,
-    "model.fusion": "gated",
-    "model.embed_dim": 8,
-    "model.hidden": 16,
-    "model.dropout": 0.1,
-    "model.image_channels": 4,
-    # mask: an absent modality contributes nothing; zero_fill: the naive baseline that
-    # feeds zeros as if they were data (for comparisons only)
-    "model.missing": "mask",
-    "train.local_epochs": 4,
-    "train.batch_size": 128,
-    "train.lr": 0.005,
-    "train.weight_decay": 2.0,
-    "train.class_weighting": "balanced",
-    "train.modalities": list(MODALITY_NAMES),
-    "train.modality_dropout": 0.0,  # chance of hiding each present modality per patient
-    "train.device": "auto",  # auto: CUDA when present; or cpu, cuda, cuda:N
-    "federation.fraction_train": 1.0,
-    "federation.min_sites": 1,
-    "federation.round_timeout": 900.0,
-    "federation.local_eval": True,
-    "simulation.cpus_per_site": 1.0,
-    # Ray num_gpus per virtual site when training on CUDA; 0: the GPUs are shared by the
-    # sites that run at once (as many as the CPUs allow). Ignored on the CPU.
-    "simulation.gpus_per_site": 0.0,
-    # Each encoder averaged over the sites (and patients) that had its modality.
-    "aggregation.modality_aware": True,  # each encoder averaged over who trained it
-    "aggregation.rule": "fedavg",  # plaintext only: fedavg, median, trimmed_mean
-    "aggregation.trim_fraction": 0.1,  # trimmed_mean: share cut from each end
-    # L2 bound on a site's update (new − global weights); 0 = no bound. The averaged
-    # update of a default DP round measures 3.4 (README, "Bad updates").
-    "aggregation.max_update_norm": 100.0,
-    # On by default: DP-SGD at ε = 8 per site costs the default federation about 0.013
-    # holdout AUROC (0.865 vs 0.878); --no-dp turns it off, with a warning every round.
-    "privacy.enabled": True,
-    "privacy.epsilon": 8.0,
-    "privacy.delta": 1e-5,
-    "privacy.max_grad_norm": 1.0,
-    "privacy.accountant": "rdp",
-    "privacy.max_noise_multiplier": 10.0,
-    "privacy.grad_sample_mode": "hooks",
-    "privacy.ledger_dir": "",  # empty: ~/.mmfed/privacy-ledger
-    "secagg.enabled": True,
-    "secagg.threshold": 0,  # 0: more than half of each share group
-    "secagg.neighbours": 0,  # 0: every site is every site's neighbour (SecAgg)
-    "secagg.clip_range": 1.0,  # per-coordinate clipping of updates before quantizing
-    "secagg.count_cap": 10000,  # example counts are sent as n / count_cap
-    "faults.drop": [],  # fault injection for drills: "site-name:round:stage"
-    "faults.corrupt": [],  # "site-name:round:kind", kind nan, shape or huge (a bad update)
-    "out": "",
-    "run_id": "",  # set when the run directory is created
-}
-# Per-site policies in simulation: privacy.site.<site name>.<field>, e.g.
-# privacy.site.site-3.epsilon = 1.0 (a site can be stricter than the server, never looser).
-SITE_POLICY_FIELDS = ("enabled", "epsilon", "delta", "max_grad_norm", "accountant",
-                      "max_noise_multiplier")
-_SITE_KEY = re.compile(r"^privacy\.site\.([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.([a-z_]+)$")
+Modality = Literal["records", "images", "genomics"]
+Fusion = Literal["concat", "gated"]
+MODALITY_NAMES: tuple[str, ...] = get_args(Modality)
+FUSIONS: tuple[str, ...] = get_args(Fusion)
+# `flwr run .` has no --out flag, so the app's declared default names a folder.
+FLWR_RUN_OUT = "runs/flwr-run"
+_STAGES = ("train", "share", "mask", "unmask")
+_CORRUPTIONS = ("nan", "shape", "huge")
 
 
-def _in(lo: float, hi: float) -> Callable[[Any], str | None]:
-    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+def _site_round_entries(entries: tuple[str, ...], last: tuple[str, ...],
+                        form: str) -> tuple[str, ...]:
+    """Fault drills name a site, a round and what happens; a typo must not silently
+    inject nothing."""
+    if all(len(x.split(":")) == 3 and x.split(":")[1].isdigit() and x.split(":")[2] in last
+           for x in entries):
+        return entries
+    raise ValueError(f"each entry must be {form}")
 
 
-def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
-    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+class _Section(BaseModel):
+    """Immutable and closed: a spec handed to training cannot change under it, and a
+    misspelt field is an error rather than a silently ignored setting."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _modalities(v: list[str]) -> str | None:
-    bad = [m for m in v if m not in MODALITY_NAMES]
-    if bad or not v or len(set(v)) != len(v):
-        return f"must be a non-empty list of distinct {', '.join(MODALITY_NAMES)}"
-    return None
+class DataConfig(_Section):
+    """Where the sites' data comes from, or how the synthetic cohort is drawn."""
+
+    dir: str = Field(
+        default="",
+        description="a federation folder; empty synthesizes the default cohort into "
+        "RUN/data, so a first run needs no data")
+    sites: int = Field(
+        default=3, ge=1, le=1000,
+        description="synthetic sites (a deployment counts the sites that join instead)")
+    patients_per_site: int = Field(
+        default=400, ge=20, le=1_000_000,
+        description="small enough for a laptop run, large enough for DP-SGD to learn")
+    holdout: int = Field(
+        default=600, ge=20, le=1_000_000,
+        description="a shared evaluation set no site trains on, so runs are comparable")
+    genes: int = Field(
+        default=2000, ge=10, le=100_000,
+        description="many more genomic features than patients, like real expression panels")
+    patient_missing: float = Field(
+        default=0.1, ge=0.0, le=0.95,
+        description="chance that a patient lacks a modality, as in real cohorts")
+    missing: tuple[str, ...] = Field(
+        default=(),
+        description='whole modalities absent at a site ("genomics@site-2"), to exercise '
+        "modality-aware aggregation on the synthetic cohort")
+    val_fraction: float = Field(
+        default=0.15, ge=0.0, le=0.5,
+        description="each site's local validation share, to compare sites without the "
+        "holdout")
+
+    @field_validator("missing")
+    @classmethod
+    def _missing(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
+        if all(len(x.split("@")) == 2 and x.split("@")[0] in MODALITY_NAMES[1:]
+               for x in entries):
+            return entries
+        raise ValueError("each entry must be MODALITY@SITE with MODALITY images or genomics")
 
 
-CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "seed": _in(0, 2**31 - 1),
-    "rounds": _in(1, 10_000),
-    "data.sites": _in(1, 1000),
-    "data.patients_per_site": _in(20, 1_000_000),
-    "data.holdout": _in(20, 1_000_000),
-    "data.genes": _in(10, 100_000),
-    "data.patient_missing": _in(0.0, 0.95),
-    "data.val_fraction": _in(0.0, 0.5),
-    "model.fusion": _choice(FUSIONS),
-    "model.missing": _choice(("mask", "zero_fill")),
-    "data.missing": lambda v: None if all(
-        len(x.split("@")) == 2 and x.split("@")[0] in MODALITY_NAMES[1:] for x in v)
-    else "each entry must be MODALITY@SITE with MODALITY images or genomics",
-    "model.embed_dim": _in(2, 1024),
-    "model.hidden": _in(2, 4096),
-    "model.dropout": _in(0.0, 0.9),
-    "model.image_channels": _in(4, 256),
-    "train.local_epochs": _in(1, 1000),
-    "train.batch_size": _in(1, 65536),
-    "train.lr": _in(1e-7, 10.0),
-    "train.weight_decay": _in(0.0, 10.0),
-    "train.class_weighting": _choice(("balanced", "none")),
-    "train.modalities": _modalities,
-    "train.modality_dropout": _in(0.0, 0.9),
-    "train.device": lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v)
-    else "must be auto, cpu, cuda, cuda:N or mps",
-    "federation.fraction_train": _in(0.01, 1.0),
-    "federation.min_sites": _in(1, 1000),
-    "federation.round_timeout": _in(1.0, 86400.0),
-    "simulation.cpus_per_site": _in(0.1, 64.0),
-    "simulation.gpus_per_site": _in(0.0, 64.0),
-    "privacy.epsilon": _in(1e-3, 1000.0),
-    "privacy.delta": _in(1e-12, 0.1),
-    "privacy.max_grad_norm": _in(1e-4, 1000.0),
-    "privacy.accountant": _choice(("rdp", "prv")),
-    "privacy.max_noise_multiplier": _in(0.1, 1000.0),
-    "privacy.grad_sample_mode": _choice(("ghost", "hooks")),
-    "aggregation.rule": _choice(("fedavg", "median", "trimmed_mean")),
-    "aggregation.trim_fraction": _in(0.0, 0.45),
-    "aggregation.max_update_norm": _in(0.0, 1e12),
-    "secagg.threshold": _in(0, 100_000),
-    "secagg.neighbours": _in(0, 100_000),
-    "secagg.clip_range": _in(1e-6, 1e6),
-    "secagg.count_cap": _in(1, 1_000_000),
-    "faults.drop": lambda v: None if all(
-        len(x.split(":")) == 3 and x.split(":")[1].isdigit()
-        and x.split(":")[2] in ("train", "share", "mask", "unmask") for x in v)
-    else "each entry must be site:round:stage with stage train, share, mask or unmask",
-    "faults.corrupt": lambda v: None if all(
-        len(x.split(":")) == 3 and x.split(":")[1].isdigit()
-        and x.split(":")[2] in ("nan", "shape", "huge") for x in v)
-    else "each entry must be site:round:kind with kind nan, shape or huge",
-}
+class ModelConfig(_Section):
+    """Architecture hyper-parameters: every site must build the same network."""
+
+    fusion: Fusion = Field(
+        default="gated",
+        description="gated weighs the modalities each patient has; concat is the simpler "
+        "baseline")
+    embed_dim: int = Field(
+        default=8, ge=2, le=1024,
+        description="each encoder's output; small, since DP noise grows with the number of "
+        "parameters")
+    hidden: int = Field(
+        default=16, ge=2, le=4096,
+        description="the head's hidden layer; small for the same reason")
+    dropout: float = Field(
+        default=0.1, ge=0.0, le=0.9,
+        description="the head's dropout; off under DP-SGD, whose noise regularizes already")
+    image_channels: int = Field(
+        default=4, ge=4, le=256,
+        description="the image encoder's width; small for the same reason as embed_dim")
+    cat_embed_dim: int = Field(
+        default=4, ge=1, le=1024,
+        description="per categorical record field: few categories need few dimensions")
+    genomics_hidden: int = Field(
+        default=4, ge=1, le=4096,
+        description="thousands of genes and few patients: a very narrow layer resists "
+        "overfitting")
+    genomics_dropout: float = Field(
+        default=0.8, ge=0.0, le=0.9,
+        description="heavy, for the same reason; off under DP-SGD like the head's")
+    missing: Literal["mask", "zero_fill"] = Field(
+        default="mask",
+        description="mask: an absent modality contributes nothing; zero_fill feeds zeros "
+        "as if they were data (the naive baseline, for comparisons only)")
 
 
-def _default_key(key: str) -> str | None:
-    """The key whose default and check apply to ``key`` (itself, or a site policy field)."""
-    if key in DEFAULTS:
-        return key
-    match = _SITE_KEY.match(key)
-    if match and match.group(2) in SITE_POLICY_FIELDS:
-        return f"privacy.{match.group(2)}"
-    return None
+class TrainConfig(_Section):
+    """Local optimisation at each site, every round."""
+
+    local_epochs: int = Field(
+        default=4, ge=1, le=1000,
+        description="passes over the site's data per round: more need fewer rounds, but "
+        "the sites drift apart further")
+    batch_size: int = Field(
+        default=128, ge=1, le=65536,
+        description="also DP-SGD's expected lot size, which sets the privacy cost of a step")
+    lr: float = Field(
+        default=0.005, ge=1e-7, le=10.0,
+        description="tuned together with batch_size and weight_decay for the default "
+        "cohort: change one, retune the others")
+    weight_decay: float = Field(
+        default=2.0, ge=0.0, le=10.0,
+        description="strong, because small sites overfit quickly")
+    class_weighting: Literal["balanced", "none"] = Field(
+        default="balanced",
+        description="balanced keeps a rare class from being ignored at a skewed site")
+    modalities: tuple[str, ...] = Field(
+        default=MODALITY_NAMES,
+        description="the modalities trained and evaluated, for ablations")
+    modality_dropout: float = Field(
+        default=0.0, ge=0.0, le=0.9,
+        description="chance of hiding each present modality per patient, so the model "
+        "copes when one is missing")
+    device: str = Field(
+        default="auto",
+        description="auto uses CUDA when present, so one config runs anywhere; or cpu, "
+        "cuda, cuda:N, mps")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_alias(cls, data: Any) -> Any:
+        """``epochs`` is what the training loops call it; given, it wins over
+        ``local_epochs`` (``type(spec)(**{**spec.__dict__, "epochs": 1})``)."""
+        if isinstance(data, Mapping) and "epochs" in data:
+            data = {k: v for k, v in data.items() if k != "epochs"} | {
+                "local_epochs": data["epochs"]}
+        return data
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or len(set(value)) != len(value) or any(
+                m not in MODALITY_NAMES for m in value):
+            raise ValueError("must be a non-empty list of distinct "
+                             f"{', '.join(MODALITY_NAMES)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            return value
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+    @property
+    def epochs(self) -> int:
+        """The training loops' name for ``local_epochs``."""
+        return self.local_epochs
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+class FederationConfig(_Section):
+    """How the server runs a round."""
+
+    fraction_train: float = Field(
+        default=1.0, ge=0.01, le=1.0,
+        description="share of the sites asked to train each round, to spread the load "
+        "in large federations")
+    min_sites: int = Field(
+        default=1, ge=1, le=1000,
+        description="a round with fewer answers is not aggregated")
+    round_timeout: float = Field(
+        default=900.0, ge=1.0, le=86400.0,
+        description="seconds before a silent site counts as dropped, so one stuck site "
+        "cannot stall the federation")
+    local_eval: bool = Field(
+        default=True,
+        description="sites also report metrics on their own validation data, which shows "
+        "where the global model fits badly")
+
+
+class SimulationConfig(_Section):
+    """Ray resources per virtual site (simulation only)."""
+
+    cpus_per_site: float = Field(
+        default=1.0, ge=0.1, le=64.0,
+        description="how many sites train at once: the CPUs divided by this")
+    gpus_per_site: float = Field(
+        default=0.0, ge=0.0, le=64.0,
+        description="Ray num_gpus per site on CUDA; 0 lets the sites that run at once "
+        "share the GPUs. Ignored on the CPU")
+
+
+class AggregationConfig(_Section):
+    """How the sites' updates become the next global model."""
+
+    modality_aware: bool = Field(
+        default=True,
+        description="each encoder averaged over the sites and patients that had its "
+        "modality, so sites without it do not pull it back")
+    rule: Literal["fedavg", "median", "trimmed_mean"] = Field(
+        default="fedavg",
+        description="the robust rules resist bad sites but need plaintext updates "
+        "(secagg off)")
+    trim_fraction: float = Field(
+        default=0.1, ge=0.0, le=0.45,
+        description="trimmed_mean: the share cut from each end, which bounds how many bad "
+        "sites it tolerates")
+    max_update_norm: float = Field(
+        default=100.0, ge=0.0, le=1e12,
+        description="L2 bound on a site's update (new minus global weights), to refuse a "
+        "broken or hostile one; 0 = no bound. Far above an honest DP round's (README, "
+        '"Bad updates")')
+
+
+class SitePrivacyConfig(_Section):
+    """The privacy settings a site can also set for itself (a site policy), as
+    ``privacy.site.<site name>.<field>`` in simulation: a site may be stricter than the
+    server asks, never looser."""
+
+    enabled: bool = Field(
+        default=True,
+        description="DP-SGD at every site, on by default since it costs the default "
+        "federation little holdout AUROC (README); --no-dp turns it off, with a warning "
+        "every round")
+    epsilon: float = Field(
+        default=8.0, ge=1e-3, le=1000.0,
+        description="each site's privacy budget for the whole run")
+    delta: float = Field(
+        default=1e-5, ge=1e-12, le=0.1,
+        description="well below one over the number of patients at a site")
+    max_grad_norm: float = Field(
+        default=1.0, ge=1e-4, le=1000.0,
+        description="per-example gradient clipping bound; the noise scales with it")
+    accountant: Literal["rdp", "prv"] = Field(
+        default="rdp",
+        description="rdp is the common standard; prv gives tighter epsilon bounds")
+    max_noise_multiplier: float = Field(
+        default=10.0, ge=0.1, le=1000.0,
+        description="a budget that would need more noise is refused rather than training "
+        "on noise")
+
+
+class PrivacyConfig(SitePrivacyConfig):
+    """Differential privacy at the sites (the server's request), plus settings that are
+    not a site's policy."""
+
+    grad_sample_mode: Literal["ghost", "hooks"] = Field(
+        default="hooks",
+        description="ghost clipping saves memory and falls back to hooks where "
+        "unsupported")
+    ledger_dir: str = Field(
+        default="",
+        description="where spent budgets are kept across runs; empty: $MMFED_LEDGER_DIR, "
+        "else ~/.mmfed/privacy-ledger")
+
+
+class SecAggConfig(_Section):
+    """Secure aggregation: the server sees only the sum of the sites' updates."""
+
+    enabled: bool = Field(
+        default=True,
+        description="on by default, so no single site's update is ever visible to the "
+        "server")
+    threshold: int = Field(
+        default=0, ge=0, le=100_000,
+        description="shares needed to remove a dropped site's mask; 0: more than half of "
+        "each share group")
+    neighbours: int = Field(
+        default=0, ge=0, le=100_000,
+        description="sites each site masks with, fewer being cheaper in large federations; "
+        "0: every site (SecAgg)")
+    clip_range: float = Field(
+        default=1.0, ge=1e-6, le=1e6,
+        description="per-coordinate clipping of updates, so they fit the quantization grid")
+    count_cap: int = Field(
+        default=10000, ge=1, le=1_000_000,
+        description="example counts are sent as n / count_cap, inside the quantized range")
+
+
+class FaultsConfig(_Section):
+    """Fault injection for drills: failures on purpose, to test recovery."""
+
+    drop: tuple[str, ...] = Field(
+        default=(),
+        description='"site-name:round:stage": the site fails at that stage (train, share, '
+        "mask or unmask)")
+    corrupt: tuple[str, ...] = Field(
+        default=(),
+        description='"site-name:round:kind": the site sends a bad update (kind nan, shape '
+        "or huge)")
+
+    @field_validator("drop")
+    @classmethod
+    def _drop(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _site_round_entries(value, _STAGES, "site:round:stage with stage "
+                                   f"{', '.join(_STAGES[:-1])} or {_STAGES[-1]}")
+
+    @field_validator("corrupt")
+    @classmethod
+    def _corrupt(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _site_round_entries(value, _CORRUPTIONS, "site:round:kind with kind "
+                                   f"{', '.join(_CORRUPTIONS[:-1])} or {_CORRUPTIONS[-1]}")
+
+
+class RunSchema(_Section):
+    """A whole run: the top-level keys, then one section per table."""
+
+    seed: int = Field(
+        default=0, ge=0, le=2**31 - 1,
+        description="one seed for data, model and training, so a run can be repeated")
+    rounds: int = Field(
+        default=5, ge=1, le=10_000,
+        description="federated rounds; DP-SGD spends the budget across all of them")
+    out: str = Field(
+        default="",
+        description="the run directory; empty: runs/<command>-<time>")
+    run_id: str = Field(
+        default="",
+        description="set when the run directory is created; it names the run in the "
+        "sites' privacy ledgers")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    simulation: SimulationConfig = SimulationConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    secagg: SecAggConfig = SecAggConfig()
+    faults: FaultsConfig = FaultsConfig()
+
+
+# The ml code's names for the sections it takes (and ``ModelSpec()`` gives the defaults).
+ModelSpec = ModelConfig
+TrainSpec = TrainConfig
+
+
+def _plain(value: Any) -> Value:
+    """Schema value to flat value: lists are lists, as TOML and the tests see them."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _index(model: type[_Section], prefix: str = "") -> dict[str, tuple[type[_Section], str]]:
+    """Flat key -> (the model that declares it, its field name there)."""
+    keys: dict[str, tuple[type[_Section], str]] = {}
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, _Section):
+            keys.update(_index(sub, f"{prefix}{name}."))
+        else:
+            keys[f"{prefix}{name}"] = (model, name)
+    return keys
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables to dotted keys (the way Flower flattens its run config)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, BaseModel):
+            flat.update(flatten(dict(value), name + "."))
         else:
-            flat[name] = value
+            flat[name] = _plain(value)
     return flat
 
 
-def _coerce(key: str, value: Any) -> Value:
-    """Check one value against its default's type; ints are accepted where floats are."""
-    base = _default_key(key) or key
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys to nested tables, for writing TOML (no key is both a value and a
+    table in this key space)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, name = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return tree
+
+
+_FIELDS = _index(RunSchema)
+DEFAULTS: dict[str, Value] = flatten(dict(RunSchema()))
+# Per-site policies in simulation: privacy.site.<site name>.<field>, e.g.
+# privacy.site.site-3.epsilon = 1.0.
+SITE_POLICY_FIELDS: tuple[str, ...] = tuple(SitePrivacyConfig.model_fields)
+_SITE_KEY = re.compile(r"^privacy\.site\.([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.([a-z_]+)$")
+
+
+def _field_of(key: str) -> tuple[type[_Section], str] | None:
+    """The model and field that validate ``key`` (its own, or a site policy field)."""
+    if key in _FIELDS:
+        return _FIELDS[key]
+    match = _SITE_KEY.match(key)
+    if match and match.group(2) in SITE_POLICY_FIELDS:
+        return SitePrivacyConfig, match.group(2)
+    return None
+
+
+def _kind(model: type[_Section], name: str) -> type:
+    """The flat value's Python type: what a TOML file or Flower must hand over."""
+    annotation = model.model_fields[name].annotation
+    if get_origin(annotation) is Literal:
+        return type(get_args(annotation)[0])
+    if get_origin(annotation) is tuple:
+        return list
+    assert isinstance(annotation, type)
+    return annotation
+
+
+def _problem(model: type[_Section], name: str, error: Mapping[str, Any]) -> str:
+    """pydantic's complaint, in the words users have always seen."""
+    field = model.model_fields[name]
+    if error["type"] == "value_error" and "error" in error.get("ctx", {}):
+        return str(error["ctx"]["error"])
+    if get_origin(field.annotation) is Literal:
+        return f"must be one of {', '.join(get_args(field.annotation))}"
+    lo = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
+    hi = next((m.le for m in field.metadata if hasattr(m, "le")), None)
+    if lo is not None and hi is not None:
+        return f"must be between {lo:g} and {hi:g}"
+    return " ".join(str(error["msg"]).split())
+
+
+def _coerce(key: str, model: type[_Section], name: str, value: Any) -> Value:
+    """Check one value's type strictly (the schema's, but no bool for int and no text
+    for numbers), then its bounds and pattern through the schema."""
     if not key.isprintable() or key != key.strip():  # "...epsilon\n" would pass the regex
         raise ConfigError(f"config key {key!r}: unexpected whitespace or control characters")
-    default = DEFAULTS[base]
-    if isinstance(default, bool):
+    kind = _kind(model, name)
+    if kind is bool:
         ok = isinstance(value, bool)
-    elif isinstance(default, int):
+    elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
+    elif kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if ok and isinstance(value, int) and abs(value) > 1e300:  # float() would overflow
             raise ConfigError(f"config key '{key}': out of range (got a "
                               f"{value.bit_length()}-bit integer)")
         value = float(value) if ok else value
-    elif isinstance(default, str):
+    elif kind is str:
         ok = isinstance(value, str)
     else:
         if isinstance(value, str):  # Flower's run config has no lists: accept "a,b"
             value = [v.strip() for v in value.split(",") if v.strip()]
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
-        raise ConfigError(f"config key '{key}': expected {type(default).__name__}, got "
-                          f"{value!r}")
+        raise ConfigError(f"config key '{key}': expected {kind.__name__}, got {value!r}")
     texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
     if any("\ud800" <= c <= "\udfff" for text in texts for c in text):
         # undecodable command-line bytes arrive as lone surrogates: unwritable as TOML
         raise ConfigError(f"config key '{key}': not valid UTF-8 text (got {value!r})")
-    check = CHECKS.get(base)
-    problem = check(value) if check else None
-    if problem:
-        raise ConfigError(f"config key '{key}': {problem} (got {value!r})")
-    return value  # type: ignore[no-any-return]
+    try:
+        checked = model.model_validate({name: value})
+    except ValidationError as exc:
+        problem = _problem(model, name, exc.errors()[0])
+        raise ConfigError(f"config key '{key}': {problem} (got {value!r})") from None
+    return _plain(getattr(checked, name))
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -233,7 +511,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 class RunConfig:
-    """A validated, fully resolved configuration."""
+    """A validated, fully resolved configuration, as flat dotted keys."""
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
         self.values: dict[str, Value] = {k: list(v) if isinstance(v, list) else v
@@ -242,11 +520,12 @@ class RunConfig:
             self.set(key, value)
 
     def set(self, key: str, value: Any) -> None:
-        if _default_key(key) is None:
+        target = _field_of(key)
+        if target is None:
             close = [k for k in DEFAULTS if k.split(".")[-1] == key.split(".")[-1]]
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
-        self.values[key] = _coerce(key, value)
+        self.values[key] = _coerce(key, *target, value)
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -265,7 +544,7 @@ class RunConfig:
                 raise ConfigError(f"{path}: cannot read config ({exc})") from None
             except ValueError as exc:  # TOMLDecodeError, or an integer too long for int()
                 raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-            for key, value in _flatten(tree).items():
+            for key, value in flatten(tree).items():
                 cfg.set(key, value)
         for key, value in (extra or {}).items():
             if value is not None:
@@ -284,16 +563,8 @@ class RunConfig:
         return {k: ",".join(v) if isinstance(v, list) else v for k, v in self.values.items()}
 
     def to_toml(self) -> str:
-        top = [f"{k} = {toml_value(v)}" for k, v in self.values.items() if "." not in k]
-        tables: dict[str, list[str]] = {}
-        for k, v in self.values.items():
-            if "." in k:
-                table, name = k.split(".", 1)
-                tables.setdefault(table, []).append(f"{name} = {toml_value(v)}")
-        body = "\n".join(top)
-        for table, lines in tables.items():
-            body += f"\n\n[{table}]\n" + "\n".join(lines)
-        return "# mmfed resolved run configuration\n" + body + "\n"
+        """The run's ``config.toml``: loading it gives this configuration back."""
+        return "# mmfed resolved run configuration\n" + tomli_w.dumps(unflatten(self.values))
 
     def privacy_request(self) -> dict[str, Any]:
         """The server's privacy settings: what every site must at least meet."""
@@ -308,16 +579,39 @@ class RunConfig:
                 policy[field] = self.values[key]
         return policy
 
+    def _section(self, name: str, model: type[_Section]) -> dict[str, Value]:
+        return {field: self.values[f"{name}.{field}"] for field in model.model_fields}
+
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(fusion=self["model.fusion"], embed_dim=self["model.embed_dim"],
-                         hidden=self["model.hidden"], dropout=self["model.dropout"],
-                         image_channels=self["model.image_channels"],
-                         missing=self["model.missing"])
+        return ModelConfig.model_validate(self._section("model", ModelConfig))
 
     def train_spec(self) -> TrainSpec:
-        return TrainSpec(epochs=self["train.local_epochs"], batch_size=self["train.batch_size"],
-                         lr=self["train.lr"], weight_decay=self["train.weight_decay"],
-                         class_weighting=self["train.class_weighting"],
-                         modalities=tuple(self["train.modalities"]),
-                         modality_dropout=self["train.modality_dropout"],
-                         device=self["train.device"])
+        return TrainConfig.model_validate(self._section("train", TrainConfig))
+
+
+def flower_app_config() -> dict[str, bool | int | float | str]:
+    """What ``[tool.flwr.app.config]`` declares: every key, because Flower refuses
+    ``--run-config`` overrides of keys the app does not declare."""
+    return {**RunConfig().to_flower(), "out": FLWR_RUN_OUT}
+
+
+def flower_config_toml() -> str:
+    """``[tool.flwr.app.config]`` for pyproject.toml, so nobody writes it by hand."""
+    return tomli_w.dumps({"tool": {"flwr": {"app": {"config": unflatten(
+        flower_app_config())}}}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmfed.config",
+                                     description="Print what is derived from the schema.")
+    parser.add_argument("--flower-config", action="store_true",
+                        help="the [tool.flwr.app.config] table for pyproject.toml")
+    args = parser.parse_args(argv)
+    if not args.flower_config:
+        parser.error("nothing to print: give --flower-config")
+    sys.stdout.write(flower_config_toml())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

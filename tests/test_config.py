@@ -8,12 +8,16 @@ files in ``tmp_path``.
 from __future__ import annotations
 
 import tomllib
+import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
+from mmfed import config
 from mmfed.cli import main
-from mmfed.config import CHECKS, DEFAULTS, RunConfig
+from mmfed.config import DEFAULTS, ModelSpec, RunConfig, RunSchema, TrainSpec
 from mmfed.errors import ConfigError
 from mmfed.ml.model import MODALITY_NAMES
 
@@ -32,7 +36,8 @@ def non_default() -> RunConfig:
         "data.patients_per_site": 50, "data.holdout": 60, "data.genes": 40,
         "data.patient_missing": 0.25, "data.val_fraction": 0.2, "model.fusion": "concat",
         "model.embed_dim": 12, "model.hidden": 24, "model.dropout": 0.0,
-        "model.image_channels": 6, "train.local_epochs": 2, "train.batch_size": 8,
+        "model.image_channels": 6, "model.cat_embed_dim": 3, "model.genomics_hidden": 6,
+        "model.genomics_dropout": 0.5, "train.local_epochs": 2, "train.batch_size": 8,
         "train.lr": 1e-7, "train.weight_decay": 0.0, "train.class_weighting": "none",
         "train.modalities": ["genomics", "records"], "federation.fraction_train": 0.5,
         "federation.min_sites": 2, "federation.round_timeout": 30.5,
@@ -60,14 +65,85 @@ def non_default() -> RunConfig:
 def test_defaults_are_valid_and_complete() -> None:
     cfg = RunConfig()
     assert cfg.values == DEFAULTS
-    for key, check in CHECKS.items():
-        assert key in DEFAULTS, key
-        assert check(DEFAULTS[key]) is None, key
     # Re-setting every default through validation must succeed unchanged.
     assert RunConfig(dict(DEFAULTS)).values == DEFAULTS
     assert cfg["train.modalities"] == list(MODALITY_NAMES)
     assert cfg.model_spec().fusion == "gated"
     assert cfg.train_spec().modalities == MODALITY_NAMES
+
+
+def test_defaults_and_specs_come_from_the_schema() -> None:
+    assert DEFAULTS == config.flatten(dict(RunSchema()))
+    assert list(DEFAULTS) == list(schema_fields())
+    assert config.SITE_POLICY_FIELDS == ("enabled", "epsilon", "delta", "max_grad_norm",
+                                         "accountant", "max_noise_multiplier")
+    # The specs are the validated sections themselves, and their no-argument
+    # construction gives the run's defaults (tests and benchmarks rely on it).
+    assert RunConfig().model_spec() == ModelSpec()
+    assert RunConfig().train_spec() == TrainSpec()
+    assert isinstance(RunConfig().model_spec(), config.ModelConfig)
+    assert hash(ModelSpec()) == hash(RunConfig().model_spec())  # frozen, hashable
+    for key, (model, name) in schema_fields().items():
+        assert model.model_fields[name].description, f"{key} has no description"
+
+
+def schema_fields() -> dict[str, tuple[type[BaseModel], str]]:
+    """Every key of the schema -> (the model that declares it, its field name)."""
+    keys: dict[str, tuple[type[BaseModel], str]] = {}
+    for name, field in RunSchema.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys.update({f"{name}.{inner}": (sub, inner) for inner in sub.model_fields})
+        else:
+            keys[name] = (RunSchema, name)
+    return keys
+
+
+def test_former_hidden_model_fields_are_config_keys() -> None:
+    cfg = RunConfig.load(None, ["model.cat_embed_dim=6", "model.genomics_hidden=12",
+                                "model.genomics_dropout=0.5"])
+    spec = cfg.model_spec()
+    assert (spec.cat_embed_dim, spec.genomics_hidden, spec.genomics_dropout) == (6, 12, 0.5)
+    assert (ModelSpec().cat_embed_dim, ModelSpec().genomics_hidden,
+            ModelSpec().genomics_dropout) == (4, 4, 0.8)
+    for bad in ("model.cat_embed_dim=0", "model.genomics_hidden=0",
+                "model.genomics_dropout=0.95"):
+        with pytest.raises(ConfigError, match="between"):
+            RunConfig.load(None, [bad])
+
+
+def test_train_spec_epochs_is_local_epochs() -> None:
+    spec = RunConfig.load(None, ["train.local_epochs=3"]).train_spec()
+    assert spec.epochs == spec.local_epochs == 3
+    assert TrainSpec(epochs=2).local_epochs == 2
+    # what the centralized baseline does to train one epoch at a time
+    one = type(spec)(**{**spec.__dict__, "epochs": 1})
+    assert one.epochs == 1 and one.batch_size == spec.batch_size
+    with pytest.raises(ValueError):  # frozen: a spec cannot change under training
+        spec.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("train.lr=50", "config key 'train.lr': must be between 1e-07 and 10 (got 50.0)"),
+    ("seed=-1", "config key 'seed': must be between 0 and 2.14748e+09 (got -1)"),
+    ("train.lr=abc", "config key 'train.lr': expected float, got 'abc'"),
+    ("model.fusion=sum", "config key 'model.fusion': must be one of concat, gated "
+     "(got 'sum')"),
+    ("train.device=gpu", "config key 'train.device': must be auto, cpu, cuda, cuda:N or "
+     "mps (got 'gpu')"),
+    ('data.missing=["records@site-1"]', "config key 'data.missing': each entry must be "
+     "MODALITY@SITE with MODALITY images or genomics (got ['records@site-1'])"),
+    ('faults.corrupt=["s:1:zero"]', "config key 'faults.corrupt': each entry must be "
+     "site:round:kind with kind nan, shape or huge (got ['s:1:zero'])"),
+    ("train.modalities=[]", "config key 'train.modalities': must be a non-empty list of "
+     "distinct records, images, genomics (got [])"),
+])
+def test_schema_errors_read_as_before(item: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        RunConfig.load(None, [item])
+    assert str(info.value) == message
+    # pydantic's own error is translated, not chained: no "During handling..." block
+    assert "ValidationError" not in "".join(traceback.format_exception(info.value))
 
 
 # --------------------------------------------------------------------------- TOML files
@@ -274,10 +350,31 @@ def test_pyproject_flower_app_config_is_accepted() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     flat = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
     assert flat, "pyproject.toml has no [tool.flwr.app.config]"
-    cfg = RunConfig.from_flower(flat)
-    for key, value in flat.items():
-        expected = value.split(",") if key == "train.modalities" else value
-        assert cfg[key] == expected, key
+    assert RunConfig.from_flower(flat).to_flower() == flat
+
+
+def typed(flat: dict[str, Any]) -> dict[str, tuple[type, Any]]:
+    """Values with their types: 1 == 1.0 == True would hide a drifted type."""
+    return {k: (type(v), v) for k, v in flat.items()}
+
+
+def test_pyproject_flower_app_config_matches_the_schema() -> None:
+    """Every schema key, with its Flower-flattened default (``out`` names a folder for
+    ``flwr run .``). On failure: python -m mmfed.config --flower-config."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    declared = config.flatten(pyproject["tool"]["flwr"]["app"]["config"])
+    expected = {**RunConfig().to_flower(), "out": "runs/flwr-run"}
+    assert typed(declared) == typed(expected)
+    assert config.flower_app_config() == expected
+
+
+def test_flower_config_generator_prints_the_pyproject_table(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert config.main(["--flower-config"]) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert printed == {"tool": {"flwr": {"app": {
+        "config": pyproject["tool"]["flwr"]["app"]["config"]}}}}
 
 
 # --------------------------------------------------------------------------- command line
@@ -316,12 +413,11 @@ def test_cli_bad_argument_type_exits_2(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_shipped_default_config_is_every_default() -> None:
-    from pathlib import Path
-
-    from mmfed.config import DEFAULTS
-
-    shipped = RunConfig.load(Path(__file__).resolve().parents[1] / "configs" / "default.toml")
-    assert shipped.values == DEFAULTS
+    path = REPO / "configs" / "default.toml"
+    assert RunConfig.load(path).values == DEFAULTS
+    # every key written out (and so documented there), none left implicit, same types
+    shipped = config.flatten(tomllib.loads(path.read_text(encoding="utf-8")))
+    assert typed(shipped) == typed(DEFAULTS)
 
 
 def test_per_site_privacy_keys() -> None:

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmfed.config import RunConfig
+import tomli_w
+
+from mmfed.config import RunConfig, unflatten
 from mmfed.deploy import credentials as creds
 from mmfed.deploy.processes import (
     ChildDied,
@@ -36,7 +38,7 @@ from mmfed.deploy.processes import (
     wait_for_port,
 )
 from mmfed.errors import MmfedError, UsageError
-from mmfed.toml_text import toml_string, toml_value
+from mmfed.toml_text import toml_string
 
 log = logging.getLogger("mmfed")
 DEFAULT_HOST = "0.0.0.0"
@@ -138,19 +140,16 @@ def app_pyproject(cfg: RunConfig) -> str:
     The whole config travels as the app's defaults (not ``--run-config`` overrides),
     because Flower only accepts overrides for keys the app already declares.
     """
-    lines = ["[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"',
-             "", "[project]", 'name = "mmfed-deployment"', 'version = "1.0.0"',
-             'description = "mmfed federated run submitted by mmfed server"',
-             'license = "Apache-2.0"', "dependencies = []", "",
-             "[tool.flwr.app]", 'publisher = "mmfed"', "",
-             "[tool.flwr.app.components]",
-             'serverapp = "mmfed.server.deployed:app"',
-             'clientapp = "mmfed.site.app:app"', "", "[tool.flwr.app.config]"]
-    for key, value in cfg.to_flower().items():
-        dotted = ".".join(toml_string(part) if not part.replace("-", "").replace("_", "")
-                          .isalnum() else part for part in key.split("."))
-        lines.append(f"{dotted} = {toml_value(value)}")
-    return "\n".join(lines) + "\n"
+    app = {"publisher": "mmfed",
+           "components": {"serverapp": "mmfed.server.deployed:app",
+                          "clientapp": "mmfed.site.app:app"},
+           "config": unflatten(cfg.to_flower())}
+    return tomli_w.dumps({
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "mmfed-deployment", "version": "1.0.0",
+                    "description": "mmfed federated run submitted by mmfed server",
+                    "license": "Apache-2.0", "dependencies": []},
+        "tool": {"flwr": {"app": app}}})
 
 
 def flower_config(address: str, ca: Path | None) -> str:
