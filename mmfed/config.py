@@ -277,6 +277,19 @@ class SitePrivacyConfig(_Section):
         default=10.0, ge=0.1, le=1000.0,
         description="a budget that would need more noise is refused rather than training "
         "on noise")
+    secure_aggregation: Literal["required", "optional"] = Field(
+        default="required",
+        description="required: the site never answers a plaintext train request, so a "
+        "server cannot get its update by leaving secure aggregation out")
+    min_threshold: int = Field(
+        default=0, ge=0, le=100_000,
+        description="the smallest secure-aggregation threshold the site accepts; 0: the "
+        "protocol's floor, more than half of each share group")
+    min_cohort: int = Field(
+        default=3, ge=2, le=100_000,
+        description="the fewest sites, itself included, whose updates must be summed with "
+        "its own; with 2, each site can subtract its update from the sum and read the "
+        "other's")
 
 
 class PrivacyConfig(SitePrivacyConfig):
@@ -460,11 +473,13 @@ def _problem(model: type[_Section], name: str, error: Mapping[str, Any]) -> str:
     return " ".join(str(error["msg"]).split())
 
 
-def _coerce(key: str, model: type[_Section], name: str, value: Any) -> Value:
+def check_value(label: str, model: type[_Section], name: str, value: Any) -> Value:
     """Check one value's type strictly (the schema's, but no bool for int and no text
-    for numbers), then its bounds and pattern through the schema."""
-    if not key.isprintable() or key != key.strip():  # "...epsilon\n" would pass the regex
-        raise ConfigError(f"config key {key!r}: unexpected whitespace or control characters")
+    for numbers), then its bounds and pattern through the schema.
+
+    ``label`` starts every message (``config key 'train.lr'``, or a policy file and
+    field), so the run config and a site's policy file refuse values in the same words.
+    """
     kind = _kind(model, name)
     if kind is bool:
         ok = isinstance(value, bool)
@@ -473,7 +488,7 @@ def _coerce(key: str, model: type[_Section], name: str, value: Any) -> Value:
     elif kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if ok and isinstance(value, int) and abs(value) > 1e300:  # float() would overflow
-            raise ConfigError(f"config key '{key}': out of range (got a "
+            raise ConfigError(f"{label}: out of range (got a "
                               f"{value.bit_length()}-bit integer)")
         value = float(value) if ok else value
     elif kind is str:
@@ -483,16 +498,16 @@ def _coerce(key: str, model: type[_Section], name: str, value: Any) -> Value:
             value = [v.strip() for v in value.split(",") if v.strip()]
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
-        raise ConfigError(f"config key '{key}': expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{label}: expected {kind.__name__}, got {value!r}")
     texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
     if any("\ud800" <= c <= "\udfff" for text in texts for c in text):
         # undecodable command-line bytes arrive as lone surrogates: unwritable as TOML
-        raise ConfigError(f"config key '{key}': not valid UTF-8 text (got {value!r})")
+        raise ConfigError(f"{label}: not valid UTF-8 text (got {value!r})")
     try:
         checked = model.model_validate({name: value})
     except ValidationError as exc:
         problem = _problem(model, name, exc.errors()[0])
-        raise ConfigError(f"config key '{key}': {problem} (got {value!r})") from None
+        raise ConfigError(f"{label}: {problem} (got {value!r})") from None
     return _plain(getattr(checked, name))
 
 
@@ -525,7 +540,10 @@ class RunConfig:
             close = [k for k in DEFAULTS if k.split(".")[-1] == key.split(".")[-1]]
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
-        self.values[key] = _coerce(key, *target, value)
+        if not key.isprintable() or key != key.strip():  # "...epsilon\n" passes the regex
+            raise ConfigError(f"config key {key!r}: unexpected whitespace or control "
+                              "characters")
+        self.values[key] = check_value(f"config key '{key}'", *target, value)
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]

@@ -46,7 +46,8 @@ def non_default() -> RunConfig:
         "out": "runs/x y\tz", "run_id": "abc123", "privacy.enabled": False,
         "privacy.epsilon": 3.5, "privacy.delta": 1e-7, "privacy.max_grad_norm": 0.5,
         "privacy.accountant": "prv", "privacy.max_noise_multiplier": 4.0,
-        "privacy.grad_sample_mode": "ghost", "privacy.ledger_dir": "/tmp/ledger dir",
+        "privacy.grad_sample_mode": "ghost", "privacy.secure_aggregation": "optional",
+        "privacy.min_threshold": 3, "privacy.min_cohort": 5, "privacy.ledger_dir": "/tmp/ledger dir",
         "privacy.site.site-2.epsilon": 1.0, "secagg.enabled": False, "secagg.threshold": 3,
         "secagg.neighbours": 4, "secagg.clip_range": 0.5, "secagg.count_cap": 500,
         "faults.drop": ["site-1:2:mask"], "faults.corrupt": ["site-2:1:nan"],
@@ -76,7 +77,8 @@ def test_defaults_and_specs_come_from_the_schema() -> None:
     assert DEFAULTS == config.flatten(dict(RunSchema()))
     assert list(DEFAULTS) == list(schema_fields())
     assert config.SITE_POLICY_FIELDS == ("enabled", "epsilon", "delta", "max_grad_norm",
-                                         "accountant", "max_noise_multiplier")
+                                         "accountant", "max_noise_multiplier",
+                                         "secure_aggregation", "min_threshold", "min_cohort")
     # The specs are the validated sections themselves, and their no-argument
     # construction gives the run's defaults (tests and benchmarks rely on it).
     assert RunConfig().model_spec() == ModelSpec()

@@ -589,8 +589,10 @@ def test_text_with_del_survives_config_toml() -> None:
     ("[privacy]\nepsilon = " + "9" * 400 + "\n", "out of range"),
     ("[privacy]\nepsilon = " + "9" * 5000 + "\n", "not valid TOML"),
     ('x = 1\n[privacy]\nepsilon = 1.0\n', "unknown key(s) 'x'"),
-    ("[privacy]\nepsilon = 2000.0\n", "epsilon must be in (0, 1000]"),
-    ('[privacy]\nepsilon = "8"\n', "'epsilon' must be float"),
+    ("[privacy]\nepsilon = 2000.0\n", "'epsilon': must be between 0.001 and 1000"),
+    ('[privacy]\nepsilon = "8"\n', "'epsilon': expected float"),
+    ('[privacy]\nsecure_aggregation = "never"\n', "must be one of required, optional"),
+    ("[privacy]\nmin_cohort = 1\n", "'min_cohort': must be between 2 and"),
 ])
 def test_policy_schema_errors_are_one_line(scratch: Path, text: str, needle: str) -> None:
     path = scratch / "policy-case.toml"

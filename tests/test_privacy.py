@@ -215,3 +215,27 @@ def test_dp_federation_budget_rerun_and_tiny_budget_decline(tmp_path: Path) -> N
     shown = run_mmfed("privacy", "show", tmp_path / "fed" / "site-1", "--ledger-dir",
                       ledger_dir)
     assert shown.returncode == 0 and "total: epsilon" in shown.stdout
+
+
+def test_an_old_policy_file_loads_with_the_secure_aggregation_defaults(tmp_path: Path) -> None:
+    """A policy written before the secure-aggregation keys existed keeps working and
+    takes the protective defaults: secure aggregation required, a cohort of 3."""
+    old = tmp_path / "old-policy.toml"
+    old.write_text("enabled = true\nepsilon = 4.0\ndelta = 1e-06\nmax_grad_norm = 1.0\n"
+                   "accountant = \"rdp\"\nmax_noise_multiplier = 10.0\n")
+    policy = load_policy(old)
+    assert (policy.epsilon, policy.secure_aggregation, policy.min_threshold,
+            policy.min_cohort) == (4.0, "required", 0, 3)
+    template = load_policy(Path(__file__).resolve().parents[1] / "configs" / "site-policy.toml")
+    assert template == PrivacyPolicy()
+
+
+def test_a_request_cannot_weaken_the_secure_aggregation_terms() -> None:
+    own = PrivacyPolicy(secure_aggregation="required", min_threshold=3, min_cohort=4)
+    lax = PrivacyPolicy(secure_aggregation="optional", min_threshold=0, min_cohort=2)
+    assert own.tightened(lax) == own
+    strict = PrivacyPolicy(secure_aggregation="optional", min_threshold=5, min_cohort=6)
+    assert PrivacyPolicy(secure_aggregation="optional").tightened(own).secure_aggregation == \
+        "required"
+    both = own.tightened(strict)
+    assert (both.min_threshold, both.min_cohort) == (5, 6)

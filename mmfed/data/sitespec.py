@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmfed.toml_text import toml_string, toml_value
+import tomli_w
 
 MODALITIES = ("records", "images", "genomics")
 OPTIONAL_MODALITIES = ("images", "genomics")
@@ -170,21 +170,28 @@ def write_site_spec(path: Path, spec: SiteSpec, description: str = "") -> None:
         except ValueError:
             return False
 
-    classes = ", ".join(c if is_int(c) else toml_string(c) for c in spec.classes)
-    lines = [f"name = {toml_string(spec.name)}"]
+    def value(item: Any) -> str:
+        """tomli_w's spelling of a value, with arrays kept on one line: a site.toml is
+        read and edited by people, and the design contract shows ``classes = [0, 1]``."""
+        if isinstance(item, list):
+            return "[" + ", ".join(value(v) for v in item) + "]"
+        return tomli_w.dumps({"v": item})[len("v = "):].rstrip("\n")
+
+    lines = [f"name = {value(spec.name)}"]
     if spec.synthetic:
         lines.append("synthetic = true")
     if description:
-        lines.append(f"description = {toml_string(description)}")
-    lines += ["", "[task]", f"label = {toml_string(spec.label)}", f"classes = [{classes}]", "",
-              "[modalities]"]
-    lines += [f"{m} = {'true' if spec.has(m) else 'false'}" for m in MODALITIES]
+        lines.append(f"description = {value(description)}")
+    classes = [int(c) if is_int(c) else c for c in spec.classes]
+    lines += ["", "[task]", f"label = {value(spec.label)}", f"classes = {value(classes)}",
+              "", "[modalities]"]
+    lines += [f"{m} = {value(spec.has(m))}" for m in MODALITIES]
     if spec.image_size is not None and spec.has("images"):
-        lines += ["", "[images]", f"size = [{spec.image_size[0]}, {spec.image_size[1]}]"]
+        lines += ["", "[images]", f"size = {value(list(spec.image_size))}"]
     if spec.categorical or spec.numeric:
         lines += ["", "[records]"]
         if spec.categorical:
-            lines.append(f"categorical = {toml_value(list(spec.categorical))}")
+            lines.append(f"categorical = {value(list(spec.categorical))}")
         if spec.numeric:
-            lines.append(f"numeric = {toml_value(list(spec.numeric))}")
+            lines.append(f"numeric = {value(list(spec.numeric))}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
+
 from mmfed.deploy import credentials as creds
 from mmfed.deploy.processes import (
     Child,
@@ -38,7 +40,6 @@ from mmfed.deploy.processes import (
 )
 from mmfed.errors import ConfigError, DataError, MmfedError, UsageError
 from mmfed.privacy.ledger import ledger_dir
-from mmfed.toml_text import toml_string
 
 log = logging.getLogger("mmfed")
 NOT_ADMITTED = ("Failed to activate SuperNode", "code: 2004")
@@ -174,16 +175,12 @@ def node_config_file(plan: ClientPlan, folder: Path) -> Path:
     if policy is None:
         # mmfed's default site policy: DP on, ε = 8, δ = 1e-5 (the server can only tighten)
         from mmfed.privacy.policy import PrivacyPolicy
-        from mmfed.toml_text import toml_value
 
         policy = folder / "default-policy.toml"
-        policy.write_text("".join(f"{k} = {toml_value(v)}\n"
-                                  for k, v in PrivacyPolicy().as_dict().items()),
-                          encoding="utf-8")
+        policy.write_text(tomli_w.dumps(PrivacyPolicy().as_dict()), encoding="utf-8")
     path = folder / "node-config.toml"
-    path.write_text(f"data-dir = {toml_string(str(plan.data))}\n"
-                    f"policy = {toml_string(str(policy))}\n"
-                    f"ledger-dir = {toml_string(str(plan.ledger_dir))}\n", encoding="utf-8")
+    path.write_text(tomli_w.dumps({"data-dir": str(plan.data), "policy": str(policy),
+                                   "ledger-dir": str(plan.ledger_dir)}), encoding="utf-8")
     return path
 
 

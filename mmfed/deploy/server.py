@@ -38,7 +38,6 @@ from mmfed.deploy.processes import (
     wait_for_port,
 )
 from mmfed.errors import MmfedError, UsageError
-from mmfed.toml_text import toml_string
 
 log = logging.getLogger("mmfed")
 DEFAULT_HOST = "0.0.0.0"
@@ -153,9 +152,9 @@ def app_pyproject(cfg: RunConfig) -> str:
 
 
 def flower_config(address: str, ca: Path | None) -> str:
-    conn = [f"[superlink.{CONNECTION}]", f"address = {toml_string(address)}"]
-    conn.append(f"root-certificates = {toml_string(str(ca))}" if ca else "insecure = true")
-    return "\n".join(["[superlink]", f"default = {toml_string(CONNECTION)}", "", *conn]) + "\n"
+    conn: dict[str, Any] = {"address": address}
+    conn.update({"root-certificates": str(ca)} if ca else {"insecure": True})
+    return tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}})
 
 
 def register_sites(plan: ServerPlan, env: dict[str, str]) -> dict[str, int]:
