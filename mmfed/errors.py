@@ -30,3 +30,9 @@ class DataError(MmfedError):
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         super().__init__(message)
         self.problems = problems or [message]
+
+
+class Declined(MmfedError):
+    """A site's refusal under its own policy (budget spent, a request weaker than its
+    terms): a normal answer to the server, not a failure, and it carries nothing
+    about the site's data or update beyond the one-line reason."""

@@ -59,13 +59,21 @@ ROUND = "round"  # inside CONFIG: the round number
 NAME = "name"  # inside SITE: the site's name
 SEGMENT_GROUPS = "segment_groups"  # inside SECAGG: weight group name of each segment
 MY_ID = "my_id"  # inside SECAGG: this site's id in the protocol
+COHORT = "cohort"  # inside CONFIG: how many sites a plaintext round asks
+DECLINED = "declined"  # a site's refusal under its own policy, with its reason
 
 
 # ------------------------------------------------------------------ requests and replies
 def request(cfg: RunConfig, round_num: int, schema: FeatureSchema | None = None,
-            state: dict[str, np.ndarray] | None = None) -> RecordDict:
+            state: dict[str, np.ndarray] | None = None, *,
+            cohort: int | None = None) -> RecordDict:
+    """A request to sites; ``cohort`` announces how many sites a plaintext round asks
+    (a site whose policy allows plaintext still wants enough company)."""
     content = RecordDict()
-    content[CONFIG] = ConfigRecord({**cfg.to_flower(), ROUND: round_num})
+    header: dict[str, Any] = {ROUND: round_num}
+    if cohort is not None:
+        header[COHORT] = cohort
+    content[CONFIG] = ConfigRecord({**cfg.to_flower(), **header})
     if schema is not None:
         content[SCHEMA] = ConfigRecord(schema.to_config())
     if state is not None:
@@ -79,12 +87,39 @@ def read_request(content: RecordDict) -> tuple[RunConfig, int, FeatureSchema | N
         raise WireError("request without a run configuration")
     raw = dict(content.config_records[CONFIG])
     round_num = scalar(raw.pop(ROUND, None))
+    raw.pop(COHORT, None)
     cfg = RunConfig.from_flower(raw)
     schema = (FeatureSchema.from_config(dict(content.config_records[SCHEMA]))
               if SCHEMA in content.config_records else None)
     state = (arrays_to_numpy(content.array_records[MODEL])
              if MODEL in content.array_records else None)
     return cfg, round_num, schema, state
+
+
+def cohort_of(content: RecordDict) -> int | None:
+    """The number of sites a plaintext request says the round asks, if it says."""
+    if CONFIG not in content.config_records:
+        return None
+    value = content.config_records[CONFIG].get(COHORT)
+    return None if value is None else scalar(value)
+
+
+def declined(reason: str, site: str | None = None) -> RecordDict:
+    """A site's refusal: a normal reply (not an error), so the server can tell a
+    site's choice from a failure, and it carries nothing but the reason."""
+    content = RecordDict()
+    if site is not None:
+        content[SITE] = ConfigRecord({NAME: site})
+    content[DECLINED] = ConfigRecord({"reason": reason})
+    return content
+
+
+def declined_of(content: RecordDict) -> str | None:
+    """The reason of a refusal, or None for any other reply."""
+    if DECLINED not in content.config_records:
+        return None
+    reason = content.config_records[DECLINED].get("reason")
+    return str(reason) if isinstance(reason, str) and reason else "declined"
 
 
 def to_array_record(state: dict[str, np.ndarray]) -> ArrayRecord:

@@ -130,3 +130,14 @@ def test_secagg_request_for_a_site_outside_the_round_is_refused() -> None:
     record[wire.MY_ID] = 9
     with pytest.raises(wire.WireError, match="not in the round"):
         wire.SecAggRequest.from_record(record)
+
+
+def test_cohort_and_refusals_round_trip() -> None:
+    plain = wire.request(RunConfig(), 2, cohort=4)
+    assert wire.cohort_of(plain) == 4
+    assert wire.read_request(plain)[0].values == RunConfig().values  # not a config key
+    assert wire.cohort_of(wire.request(RunConfig(), 2)) is None
+    refusal = wire.declined("declined: too few sites", site="site-2")
+    assert wire.declined_of(refusal) == "declined: too few sites"
+    assert wire.site_of(refusal) == ("site-2", {})
+    assert wire.declined_of(wire.reply_content("site-2")) is None
