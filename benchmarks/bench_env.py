@@ -8,12 +8,12 @@ Scripts in this folder import it by name (``python benchmarks/x.py`` puts the fo
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
+from mmfed.ml.process import quiet_env
+
+ENV = quiet_env()
 MMFED = [sys.executable, "-m", "mmfed.cli"]
 
 

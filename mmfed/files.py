@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 

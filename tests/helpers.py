@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from mmfed.ml.process import QUIET_ENV, quiet_env
+
 MMFED = [sys.executable, "-m", "mmfed.cli"]
-QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
+QUIET = QUIET_ENV  # what tests add to a child's environment: `{**os.environ, **QUIET}`
 
 
 def run_mmfed(*args: str | Path, timeout: float = 600, cwd: Path | None = None
               ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **QUIET}
+    env = quiet_env()
     return subprocess.run([*MMFED, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)

@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from mmfed.deploy.credentials import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY
+from mmfed.ml.process import FLOWER_QUIET_ENV, QUIET_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -47,8 +48,7 @@ STOCK = {"superlink": "flwr/superlink", "supernode": "flwr/supernode"}
 BUILT = {"serverapp": "server/Dockerfile", "clientapp": "client/Dockerfile"}
 # The coordinator's private network: whoever is on it can reach the Control API.
 LINK_MEMBERS = {"superlink", GATEWAY, "serverapp"}
-FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+FLWR_ENV = FLOWER_QUIET_ENV  # every Flower container: the switches mmfed's own children get
 # Accepted by Flower 1.41 only to print a deprecation warning, or ignored.
 DEPRECATED = ("--fleet-api-address", "--fleet-api-type", "--control-api-address",
               "--serverappio-api-address", "--clientappio-api-address", "--appio-api-address",
@@ -233,8 +233,9 @@ def compose_problems(compose: dict[str, Any],
         for key, value in FLWR_ENV.items():
             if str(env.get(key)) != value:
                 problems.append(f"{name}: environment {key} must be {value}")
-        if kind == "clientapp" and str(env.get("OMP_NUM_THREADS")) != "1":
-            problems.append(f"{name}: environment OMP_NUM_THREADS must be 1")
+        threads = QUIET_ENV["OMP_NUM_THREADS"]
+        if kind == "clientapp" and str(env.get("OMP_NUM_THREADS")) != threads:
+            problems.append(f"{name}: environment OMP_NUM_THREADS must be {threads}")
         command = svc.get("command")
         if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
             problems.append(f"{name}: command must be a list of strings")

@@ -419,6 +419,26 @@ def test_absent_modality_is_no_evidence(sites: tuple[SiteData, SiteData],
     assert not torch.allclose(base[present], changed_present[present], atol=1e-6)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("missing", ["mask", "zero_fill"])
+def test_explain_path_computes_the_model_itself(encoded: tuple[EncodedSite, EncodedSite],
+                                                schema: FeatureSchema, fusion: str,
+                                                missing: str) -> None:
+    """Explanations re-run only the fusion and head on cached embeddings; with
+    ``zero_fill`` too, their probabilities must be the model's own."""
+    from mmfed.report.explain import _head_probs, _prepare
+
+    model = build_model(schema, ModelSpec(fusion=fusion, missing=missing), seed=4)
+    model.eval()
+    both = EncodedSite.concat(list(encoded))
+    assert (both.mask == 0).any()  # absent modalities: where zero_fill differs from mask
+    h = _prepare(model, both)
+    with torch.no_grad():
+        direct = torch.softmax(model(*batch(both)), dim=-1)
+        explained = _head_probs(model, h.emb_records, h.emb_images, h.emb_genomics, h.mask)
+    torch.testing.assert_close(explained, direct, rtol=0, atol=1e-6)
+
+
 def test_build_model_seed_is_reproducible(schema: FeatureSchema) -> None:
     def state(seed: int) -> dict[str, torch.Tensor]:
         return build_model(schema, ModelSpec(), seed=seed).state_dict()

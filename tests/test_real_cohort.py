@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -21,18 +20,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mmfed.ml.process import quiet_env
+
 pytest.importorskip("sksurv")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "gse7390_sites.py"
 SITES = 3
 HORIZON_DAYS = 5 * 365.25
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "OMP_NUM_THREADS": "1",
-}
 
 
 def mmfed_exe() -> str:
@@ -146,7 +141,7 @@ def test_script_refuses_a_non_empty_out(federation: Path) -> None:
 @pytest.mark.slow
 def test_federation_on_real_cohort(federation: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    env = {**os.environ, **QUIET_ENV}
+    env = quiet_env()
     started = time.perf_counter()
     proc = subprocess.run(
         [mmfed_exe(), "simulate", "--data", str(federation), "--rounds", "2", "--out",

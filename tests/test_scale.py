@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import pytest
 
 from mmfed.data import reader
 from mmfed.data.synth import SynthSettings, synthesize
-from mmfed.ml.features import split_indices
-from mmfed.site import runtime as site_runtime
+from mmfed.ml.features import local_stats, merge_stats, split_indices
+from mmfed.privacy import ledger
+from mmfed.site import state as site_state
 from tests.helpers import run_mmfed
 
 
@@ -58,27 +58,50 @@ def test_cells_the_block_parse_must_not_accept_still_get_named(cohort: Path, tmp
     assert any(f"line 3 column '{rows[0][7]}'" in p for p in problems), problems
 
 
-def test_site_cache_keeps_recent_sites_within_its_byte_bound(
-        cohort: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(site_runtime, "_SITE_CACHE", {})
-    folders = [cohort / f"site-{i}" for i in (1, 2, 3)]
-    sizes = [site_runtime._nbytes(reader.load_site(f)) for f in folders]
+def test_site_cache_keeps_recent_sites_within_its_byte_bound(cohort: Path,
+                                                             tmp_path: Path) -> None:
+    folders = [Path(shutil.copytree(cohort / f"site-{i}", tmp_path / f"site-{i}"))
+               for i in (1, 2, 3)]
+    sizes = [site_state.nbytes(reader.load_site(f)) for f in folders]
     assert min(sizes) > 0
-    monkeypatch.setattr(site_runtime, "CACHE_BYTES", sum(sizes) - 1)  # room for two
-    site_runtime.get_site(folders[0])
-    for folder in folders[1:]:
-        site_runtime.get_site(folder)
-    cached = [Path(k[0]).name for k in site_runtime._SITE_CACHE]
-    assert cached == ["site-2", "site-3"]  # least recently used went first
-    assert site_runtime.get_site(folders[1]).name == "site-2"  # a hit: no reload...
-    site_runtime.get_site(folders[0])  # ...and it is now the most recent
-    assert [Path(k[0]).name for k in site_runtime._SITE_CACHE] == ["site-2", "site-1"]
-    # A folder whose records change is re-read, and its stale copy is dropped.
-    before = site_runtime.get_site(folders[1])
-    os.utime(folders[1] / "records.csv", (1, 1))
-    after = site_runtime.get_site(folders[1])
-    assert after is not before and after.name == "site-2"
-    assert [Path(k[0]).name for k in site_runtime._SITE_CACHE].count("site-2") == 1
+    state = site_state.SiteState(max_bytes=sum(sizes) - 1)  # room for two
+    for folder in folders:
+        state.open(folder)
+    assert state.cached_sites() == ["site-2", "site-3"]  # least recently used went first
+    kept = state.open(folders[1])
+    assert state.open(folders[1]).data is kept.data  # a hit: no reload...
+    state.open(folders[0])  # ...and it is now the most recent
+    assert state.cached_sites() == ["site-2", "site-1"]
+    # Changed data is re-read under its new fingerprint, and its stale copy is dropped.
+    with (folders[1] / "site.toml").open("a") as fh:
+        fh.write("# edited\n")
+    after = state.open(folders[1])
+    assert after.data is not kept.data and after.fingerprint != kept.fingerprint
+    assert state.cached_sites().count("site-2") == 1
+
+
+def test_site_state_is_keyed_by_the_ledger_fingerprint_hashed_once_per_change(
+        cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = Path(shutil.copytree(cohort / "site-3", tmp_path / "here"))
+    hashed: list[Path] = []
+    original = ledger.site_fingerprint
+
+    def counting(where: Path | str) -> str:
+        hashed.append(Path(where))
+        return original(where)
+
+    monkeypatch.setattr("mmfed.privacy.ledger.site_fingerprint", counting)
+    state = site_state.SiteState()
+    first = state.open(folder)
+    assert first.fingerprint == original(folder)  # the privacy ledger's key
+    assert state.open(folder).data is first.data and len(hashed) == 1  # not hashed again
+    # The same data under another folder name is the same entry, not a second copy.
+    moved = Path(shutil.copytree(folder, tmp_path / "there"))
+    assert state.open(moved).data is first.data and len(hashed) == 2
+    schema = merge_stats([local_stats(first.data)])
+    train, val = state.splits(first, schema, 0.2, 0)
+    assert state.splits(state.open(moved), schema, 0.2, 0)[0] is train
+    assert len(train) + len(val) == len(first.data)
 
 
 @pytest.mark.slow

@@ -32,12 +32,12 @@ from types import FrameType
 from typing import IO, Any
 
 from mmfed.errors import MmfedError, UsageError
+from mmfed.ml.process import quiet_env
 
 log = logging.getLogger("mmfed")
 PR_SET_CHILD_SUBREAPER = 36
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1",
-              "PYTHONUNBUFFERED": "1"}
+# Children's output is read line by line as it comes, for the logs and error messages.
+UNBUFFERED_ENV = {"PYTHONUNBUFFERED": "1"}
 # SuperExec checks for new work every second by default; each secure-aggregation stage
 # is one message per site, so that second was paid up to four times a round.
 LATENCY_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
@@ -81,7 +81,7 @@ def flower_executable(name: str) -> str:
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Flower starts its helpers by name from PATH: put this interpreter's bin first."""
-    env = {**LATENCY_ENV, **os.environ, **FLOWER_ENV, **(extra or {})}
+    env = {**quiet_env({**LATENCY_ENV, **os.environ}), **UNBUFFERED_ENV, **(extra or {})}
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env

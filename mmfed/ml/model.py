@@ -236,11 +236,20 @@ class MultimodalNet(nn.Module):
     def forward(self, num: torch.Tensor, num_missing: torch.Tensor, cat: torch.Tensor,
                 image: torch.Tensor, genomics: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        if self.zero_fill:  # the naive baseline: zeros pose as an observed modality
-            mask = torch.ones_like(mask)
         emb = torch.stack([self.records(num, num_missing, cat), self.images(image),
                            self.genomics(genomics)], dim=1)
-        return self.head(self.fusion(emb, mask))
+        return self.fused_logits(emb, mask)
+
+    def fused_logits(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits from per-modality embeddings (n, modalities, d) and their mask (n, modalities).
+
+        Everything after the encoders, in one place: explanations re-run only the encoder
+        a perturbation touched and then this, so they explain exactly the model that
+        ``forward`` computes.
+        """
+        if self.zero_fill:  # the naive baseline: zeros pose as an observed modality
+            mask = torch.ones_like(mask)
+        return self.head(self.fusion(embeddings, mask))
 
 
 def build_model(schema: FeatureSchema, spec: ModelSpec | None = None,

@@ -32,6 +32,7 @@ from torch import nn
 from mmfed.errors import DataError, UsageError
 from mmfed.ml.features import EncodedSite, FeatureSchema
 from mmfed.ml.model import MODALITY_NAMES, MultimodalNet
+from mmfed.ml.process import limit_threads
 from mmfed.run.saved_model import holdout_folder, load_saved_model
 
 EXPLAIN_DIR = "explain"
@@ -81,15 +82,16 @@ def _prepare(model: MultimodalNet, enc: EncodedSite) -> _Holdout:
 
 def _head_probs(model: MultimodalNet, er: torch.Tensor, ei: torch.Tensor, eg: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-    """Fusion + head on embeddings with any leading batch shape (..., n, d) -> (..., n, C).
+    """Class probabilities from embeddings with any leading batch shape (..., n, d) ->
+    (..., n, C), so that a perturbation re-runs only the encoder it touched.
 
-    Identical to ``MultimodalNet.forward`` after the encoders; it exists so a
-    perturbation re-runs only the encoder it touched.
+    The fusion and head are the model's own (``MultimodalNet.fused_logits``); only the
+    broadcasting of a batch of perturbed embedding sets is done here.
     """
     shape = torch.broadcast_shapes(er.shape, ei.shape, eg.shape)
     emb = torch.stack([er.expand(shape), ei.expand(shape), eg.expand(shape)], dim=-2)
     m = mask.expand(*shape[:-1], mask.shape[-1])
-    logits = model.head(model.fusion(emb.reshape(-1, 3, shape[-1]), m.reshape(-1, m.shape[-1])))
+    logits = model.fused_logits(emb.reshape(-1, 3, shape[-1]), m.reshape(-1, m.shape[-1]))
     return torch.softmax(logits, dim=-1).reshape(*shape[:-1], -1)
 
 
@@ -460,9 +462,10 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
     holds. Deterministic given ``seed``: the permutations are the only randomness.
     """
     from mmfed.data.reader import load_site
+    from mmfed.files import atomic_write_bytes
     from mmfed.ml.features import encode
     from mmfed.ml.training import restrict_modalities
-    from mmfed.run.rundir import atomic_write_bytes, finite
+    from mmfed.run.rundir import finite
 
     if repeats < 1 or top < 1 or images < 0:
         raise UsageError("explain: --repeats and --top must be >= 1 and --images >= 0")
@@ -470,115 +473,110 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
         raise UsageError(f"explain: --rank-by must be one of {', '.join(RANK_METRICS)}")
     started = time.perf_counter()
     run = Path(run)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the stated budget is one CPU thread; results don't depend on it
+    saved = load_saved_model(run)
+    model, schema, cfg = saved.model, saved.schema, saved.cfg
+    meta = {"round": saved.round, "run_id": cfg["run_id"]}
+    folder = holdout_folder(run, cfg, data)
+    site = load_site(folder)
+    used = tuple(m for m in MODALITY_NAMES if m in cfg["train.modalities"])
+    enc = restrict_modalities(encode(site, schema), used)
+    if len(np.unique(enc.labels)) < 2:
+        raise DataError(f"{folder}: the holdout has one class only; AUROC is undefined")
+    h = _prepare(model, enc)
+    rng = np.random.default_rng([seed, 20240])
+    with torch.no_grad():
+        base = _score(model, h)  # [AUROC, mean log-likelihood]
+    n_classes = len(schema.classes)
+    # Binary: explain the positive class (index 1); otherwise each patient's own class.
+    target = np.ones(len(enc), dtype=np.int64) if n_classes == 2 else enc.labels.copy()
+    modal = _modality_contributions(model, h, used, base)
+    records = (_record_importance(model, h, schema, rng, repeats, base, rank_by)
+               if "records" in used else [])
+    genes, gene_method = (_gene_importance(model, h, schema, rng, repeats, base,
+                                           gene_screen_above, torch.from_numpy(target),
+                                           rank_by)
+                          if "genomics" in used else ([], {"genes_permuted": 0}))
+    out_dir = run / EXPLAIN_DIR
     try:
-        saved = load_saved_model(run)
-        model, schema, cfg = saved.model, saved.schema, saved.cfg
-        meta = {"round": saved.round, "run_id": cfg["run_id"]}
-        folder = holdout_folder(run, cfg, data)
-        site = load_site(folder)
-        used = tuple(m for m in MODALITY_NAMES if m in cfg["train.modalities"])
-        enc = restrict_modalities(encode(site, schema), used)
-        if len(np.unique(enc.labels)) < 2:
-            raise DataError(f"{folder}: the holdout has one class only; AUROC is undefined")
-        h = _prepare(model, enc)
-        rng = np.random.default_rng([seed, 20240])
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot be created ({exc.strerror})") from None
+    for stale in out_dir.glob("image-*.png"):  # maps of an earlier call's patients
+        stale.unlink()
+    image_items = []
+    if "images" in used and images > 0:
+        image_only = torch.zeros_like(h.mask)
+        image_only[:, 1] = h.mask[:, 1]
         with torch.no_grad():
-            base = _score(model, h)  # [AUROC, mean log-likelihood]
-        n_classes = len(schema.classes)
-        # Binary: explain the positive class (index 1); otherwise each patient's own class.
-        target = np.ones(len(enc), dtype=np.int64) if n_classes == 2 else enc.labels.copy()
-        modal = _modality_contributions(model, h, used, base)
-        records = (_record_importance(model, h, schema, rng, repeats, base, rank_by)
-                   if "records" in used else [])
-        genes, gene_method = (_gene_importance(model, h, schema, rng, repeats, base,
-                                               gene_screen_above, torch.from_numpy(target),
-                                               rank_by)
-                              if "genomics" in used else ([], {"genes_permuted": 0}))
-        out_dir = run / EXPLAIN_DIR
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DataError(f"{out_dir}: cannot be created ({exc.strerror})") from None
-        for stale in out_dir.glob("image-*.png"):  # maps of an earlier call's patients
-            stale.unlink()
-        image_items = []
-        if "images" in used and images > 0:
-            image_only = torch.zeros_like(h.mask)
-            image_only[:, 1] = h.mask[:, 1]
-            with torch.no_grad():
-                image_probs = _head_probs(model, h.emb_records, h.emb_images, h.emb_genomics,
-                                          image_only).numpy()
-            for i in _pick_image_patients(h, image_probs, target, images):
-                heat, prob = _occlusion(model, h, i, int(target[i]))
-                pid = site.ids[i]
-                name = f"image-{pid}.png"
-                cls = schema.classes[int(target[i])]
-                _image_figure(out_dir / name, h.image[i, 0].numpy(), heat, pid,
-                              schema.classes[int(h.labels[i])], prob, cls)
-                peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
-                image_items.append({"patient_id": pid, "png": name,
-                                    "label": schema.classes[int(h.labels[i])],
-                                    "target_class": cls, "probability": prob,
-                                    "image_only_probability": float(
-                                        image_probs[i, int(target[i])]),
-                                    "max_drop": float(heat.max()),
-                                    "peak_yx": [int(peak[0]), int(peak[1])]})
-        _modality_figure(out_dir / "modality_contributions.png", modal["drop"], float(base[0]))
-        _features_figure(out_dir / "top_features.png", genes, records, top, rank_by)
-        result: dict[str, Any] = finite({
-            "run": str(run),
-            "run_id": meta["run_id"],
-            "model_round": meta["round"],
-            "holdout": {"folder": str(folder), "patients": len(enc),
-                        "classes": schema.classes,
-                        "class_counts": np.bincount(enc.labels, minlength=n_classes).tolist(),
-                        "with_images": int(enc.mask[:, 1].sum()),
-                        "with_genomics": int(enc.mask[:, 2].sum())},
-            "modalities_used": list(used),
-            "auroc": float(base[0]),
-            "loss": float(-base[1]),
-            "modality_contribution": modal["drop"],
-            "modality_loss_increase": modal["loss_increase"],
-            "modality_auroc_without": modal["auroc_without"],
-            "modality_auroc_alone": modal["auroc_alone"],
-            "top_features": {"records": records[:top], "genomics": genes[:top]},
-            "feature_importance": {
-                mod: {"auroc_drop": {it["name"]: it["importance"] for it in items},
-                      "loss_increase": {it["name"]: it["loss_increase"] for it in items}}
-                for mod, items in (("records", records), ("genomics", genes))},
-            "images": image_items,
-            "figures": {"modality_contributions": "modality_contributions.png",
-                        "top_features": "top_features.png"},
-            "method": {
-                "metric": "holdout AUROC (binary: class 1; otherwise macro one-vs-rest)",
-                "modality_contribution": "AUROC(full) - AUROC with that modality's mask "
-                                         "column set to 0 for every patient (absent = no "
-                                         "evidence, as in training)",
-                "permutation": f"AUROC drop ('importance') and log-loss increase when one "
-                               f"column is permuted across patients, mean (and sd) over "
-                               f"{repeats} seeded permutations; numeric records are "
-                               "permuted with their missing-indicator; genes among "
-                               "patients with genomics only",
-                "rank_by": rank_by,
-                "genomics": gene_method,
-                "images": f"occlusion: {OCCLUSION_PATCH}x{OCCLUSION_PATCH} patch set to the "
-                          f"image mean (gray), stride {OCCLUSION_STRIDE}; map = mean drop "
-                          "in the target-class probability over patches covering a pixel",
-                "image_patients": "patients with an image, ranked by the target-class "
-                                  "probability with the image as the only evidence: the "
-                                  "highest true positives, then the lowest true negatives; "
-                                  "the maps themselves use the full model",
-                "seed": seed, "repeats": repeats, "top": top,
-            },
-            "runtime_seconds": round(time.perf_counter() - started, 2),
-        })
-        text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-        atomic_write_bytes(out_dir / "explanations.json", text.encode())
-        return result
-    finally:
-        torch.set_num_threads(threads)
+            image_probs = _head_probs(model, h.emb_records, h.emb_images, h.emb_genomics,
+                                      image_only).numpy()
+        for i in _pick_image_patients(h, image_probs, target, images):
+            heat, prob = _occlusion(model, h, i, int(target[i]))
+            pid = site.ids[i]
+            name = f"image-{pid}.png"
+            cls = schema.classes[int(target[i])]
+            _image_figure(out_dir / name, h.image[i, 0].numpy(), heat, pid,
+                          schema.classes[int(h.labels[i])], prob, cls)
+            peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            image_items.append({"patient_id": pid, "png": name,
+                                "label": schema.classes[int(h.labels[i])],
+                                "target_class": cls, "probability": prob,
+                                "image_only_probability": float(
+                                    image_probs[i, int(target[i])]),
+                                "max_drop": float(heat.max()),
+                                "peak_yx": [int(peak[0]), int(peak[1])]})
+    _modality_figure(out_dir / "modality_contributions.png", modal["drop"], float(base[0]))
+    _features_figure(out_dir / "top_features.png", genes, records, top, rank_by)
+    result: dict[str, Any] = finite({
+        "run": str(run),
+        "run_id": meta["run_id"],
+        "model_round": meta["round"],
+        "holdout": {"folder": str(folder), "patients": len(enc),
+                    "classes": schema.classes,
+                    "class_counts": np.bincount(enc.labels, minlength=n_classes).tolist(),
+                    "with_images": int(enc.mask[:, 1].sum()),
+                    "with_genomics": int(enc.mask[:, 2].sum())},
+        "modalities_used": list(used),
+        "auroc": float(base[0]),
+        "loss": float(-base[1]),
+        "modality_contribution": modal["drop"],
+        "modality_loss_increase": modal["loss_increase"],
+        "modality_auroc_without": modal["auroc_without"],
+        "modality_auroc_alone": modal["auroc_alone"],
+        "top_features": {"records": records[:top], "genomics": genes[:top]},
+        "feature_importance": {
+            mod: {"auroc_drop": {it["name"]: it["importance"] for it in items},
+                  "loss_increase": {it["name"]: it["loss_increase"] for it in items}}
+            for mod, items in (("records", records), ("genomics", genes))},
+        "images": image_items,
+        "figures": {"modality_contributions": "modality_contributions.png",
+                    "top_features": "top_features.png"},
+        "method": {
+            "metric": "holdout AUROC (binary: class 1; otherwise macro one-vs-rest)",
+            "modality_contribution": "AUROC(full) - AUROC with that modality's mask "
+                                     "column set to 0 for every patient (absent = no "
+                                     "evidence, as in training)",
+            "permutation": f"AUROC drop ('importance') and log-loss increase when one "
+                           f"column is permuted across patients, mean (and sd) over "
+                           f"{repeats} seeded permutations; numeric records are "
+                           "permuted with their missing-indicator; genes among "
+                           "patients with genomics only",
+            "rank_by": rank_by,
+            "genomics": gene_method,
+            "images": f"occlusion: {OCCLUSION_PATCH}x{OCCLUSION_PATCH} patch set to the "
+                      f"image mean (gray), stride {OCCLUSION_STRIDE}; map = mean drop "
+                      "in the target-class probability over patches covering a pixel",
+            "image_patients": "patients with an image, ranked by the target-class "
+                              "probability with the image as the only evidence: the "
+                              "highest true positives, then the lowest true negatives; "
+                              "the maps themselves use the full model",
+            "seed": seed, "repeats": repeats, "top": top,
+        },
+        "runtime_seconds": round(time.perf_counter() - started, 2),
+    })
+    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(out_dir / "explanations.json", text.encode())
+    return result
 
 
 def summary_lines(result: dict[str, Any], top: int = 5) -> list[str]:
@@ -603,6 +601,7 @@ def summary_lines(result: dict[str, Any], top: int = 5) -> list[str]:
 
 def explain_from_args(args: Any) -> int:
     """``mmfed explain RUN``: the CLI's thin wrapper (argparse namespace in, exit code out)."""
+    limit_threads()  # the stated budget is one CPU thread; results don't depend on it
     result = explain_run(Path(args.run), seed=args.seed, repeats=args.repeats, top=args.top,
                          images=args.images, rank_by=args.rank_by, data=args.data)
     print("\n".join(summary_lines(result)))

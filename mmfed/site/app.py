@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 
 from mmfed import wire
 from mmfed.errors import MmfedError
+from mmfed.ml.process import limit_threads
 from mmfed.ml.updates import flat_delta, group_weights
 from mmfed.site import faults
 from mmfed.site import runtime as site_runtime
@@ -48,10 +49,12 @@ def train(msg: Message, context: Context) -> Message:
     if schema is None or state is None:
         raise MmfedError("train request without schema or model")
     folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
-    name = site_runtime.get_site(folder).name
+    site = site_runtime.open_site(folder)  # fingerprinted once for the whole message
+    name = site.name
     site_secagg.check_fault(list(cfg["faults.drop"]), name, round_num, "train")
     secagg = wire.secagg_request_of(msg.content)  # malformed: refused before training
-    outcome = site_runtime.train_round(folder, cfg, schema, state, round_num,
+    limit_threads()  # once per process, on the first message that trains
+    outcome = site_runtime.train_round(site, cfg, schema, state, round_num,
                                        dict(context.node_config))
     kind = faults.corruption(list(cfg["faults.corrupt"]), name, round_num)
     if kind and outcome.state is not None and secagg is None:  # drill: send a bad update
@@ -112,6 +115,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if schema is None or state is None:
         raise MmfedError("evaluate request without schema or model")
     folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
-    figures = site_runtime.evaluate_round(folder, cfg, schema, state)
-    name = site_runtime.get_site(folder).name
-    return Message(wire.reply_content(name, metrics=figures), reply_to=msg)
+    site = site_runtime.open_site(folder)  # fingerprinted once for the whole message
+    limit_threads()  # once per process, on the first message that evaluates
+    figures = site_runtime.evaluate_round(site, cfg, schema, state)
+    return Message(wire.reply_content(site.name, metrics=figures), reply_to=msg)

@@ -1,14 +1,15 @@
 """What a hospital does when the server asks: report statistics, train, evaluate.
 
-Kept free of Flower types so it can be tested and reused directly; ``client_app``
-only translates messages to these calls. Data is read once per process and cached,
-because in deployment and simulation alike the same process answers many messages.
+Kept free of Flower types so it can be tested and reused directly; ``mmfed.site.app``
+only translates messages to these calls. Data is read once per process and kept in
+``mmfed.site.state``, because in deployment and simulation alike the same process
+answers many messages. Each call takes a site folder, or the ``LoadedSite`` a message
+handler already opened, so that the site is fingerprinted once per message.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,54 +20,13 @@ import numpy as np
 from mmfed.config import RunConfig
 from mmfed.errors import DataError
 from mmfed.ml.device import resolve_device
-from mmfed.ml.features import EncodedSite, FeatureSchema, encode, local_stats, split_indices
+from mmfed.ml.features import EncodedSite, FeatureSchema, local_stats
 from mmfed.ml.specs import TrainSpec
 from mmfed.privacy.policy import PrivacyPolicy, load_policy, policy_from_mapping
+from mmfed.site.state import LoadedSite, site_state
 
-if TYPE_CHECKING:  # Opacus (budget) and pandas (reader): only training needs them
-    from mmfed.data.reader import SiteData
+if TYPE_CHECKING:  # Opacus (budget): only training needs it
     from mmfed.privacy.budget import SiteBudget
-
-_SITE_CACHE: dict[tuple[str, float], SiteData] = {}
-_ENCODED_CACHE: dict[tuple[str, str], tuple[EncodedSite, EncodedSite]] = {}
-# Per process and per cache. A simulation worker serves many sites in turn, and
-# reloading a site costs more than a round of training on it, so recently used sites
-# stay; the bound keeps a worker's memory flat however many sites the federation has.
-CACHE_BYTES = 256 * 2**20
-
-
-def _nbytes(value: object) -> int:
-    """Array bytes held by a cached value (names and ids are small by comparison)."""
-    if isinstance(value, np.ndarray):
-        return int(value.nbytes)
-    if isinstance(value, tuple | list):
-        return sum(_nbytes(v) for v in value)
-    if hasattr(value, "__dict__"):
-        return sum(_nbytes(v) for v in vars(value).values())
-    return 0
-
-
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
-    """Insert as most recent; drop the least recently used beyond ``CACHE_BYTES``."""
-    cache[key] = value
-    while len(cache) > 1 and sum(_nbytes(v) for v in cache.values()) > CACHE_BYTES:
-        del cache[next(iter(cache))]
-
-
-def _recall(cache: dict[Any, Any], key: Any) -> Any:
-    """A cached value, marked most recently used (dicts keep insertion order)."""
-    value = cache.pop(key)
-    cache[key] = value
-    return value
-
-
-def limit_threads() -> None:
-    """One thread per site process: oversubscribing 2 cores costs up to 20x."""
-    import torch
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
 
 
 def resolve_site_dir(node_config: dict[str, Any], cfg: RunConfig) -> Path:
@@ -88,32 +48,13 @@ def resolve_site_dir(node_config: dict[str, Any], cfg: RunConfig) -> Path:
     return sites[pid]
 
 
-def get_site(folder: Path) -> SiteData:
-    stamp = (folder / "records.csv").stat().st_mtime if (folder / "records.csv").exists() else 0
-    key = (str(folder.resolve()), stamp)
-    if key not in _SITE_CACHE:
-        from mmfed.data.reader import load_site
-
-        for old in [k for k in _SITE_CACHE if k[0] == key[0]]:
-            del _SITE_CACHE[old]  # do not pin stale copies of a changed folder
-        _remember(_SITE_CACHE, key, load_site(folder))
-    return _recall(_SITE_CACHE, key)
+def open_site(folder: Path) -> LoadedSite:
+    """The site folder for one message: fingerprinted once, read only if not yet held."""
+    return site_state().open(folder)
 
 
-def schema_key(schema: FeatureSchema) -> str:
-    text = repr(sorted(schema.to_config().items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def get_encoded(site: SiteData, schema: FeatureSchema, val_fraction: float,
-                seed: int) -> tuple[EncodedSite, EncodedSite]:
-    """(train, validation) split of the site, encoded under the federation schema."""
-    key = (site.name + f":{len(site)}:{val_fraction}:{seed}", schema_key(schema))
-    if key not in _ENCODED_CACHE:
-        enc = encode(site, schema)
-        tr, va = split_indices(site.ids, site.labels, val_fraction, seed)
-        _remember(_ENCODED_CACHE, key, (enc.subset(tr), enc.subset(va)))
-    return _recall(_ENCODED_CACHE, key)
+def _opened(site: Path | LoadedSite) -> LoadedSite:
+    return site if isinstance(site, LoadedSite) else open_site(site)
 
 
 def site_seed(seed: int, round_num: int, site: str) -> int:
@@ -148,12 +89,12 @@ def site_policy(node_config: dict[str, Any], cfg: RunConfig, site: str) -> Priva
     return own.tightened(policy_from_mapping(cfg.privacy_request(), "server request"))
 
 
-def stats_for(folder: Path) -> tuple[str, dict[str, Any]]:
-    site = get_site(folder)
-    return site.name, local_stats(site).to_config()
+def stats_for(site: Path | LoadedSite) -> tuple[str, dict[str, Any]]:
+    loaded = _opened(site)
+    return loaded.name, local_stats(loaded.data).to_config()
 
 
-def train_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
+def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
                 global_state: dict[str, np.ndarray], round_num: int,
                 node_config: dict[str, Any] | None = None) -> TrainOutcome:
     import torch
@@ -161,31 +102,30 @@ def train_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
     from mmfed.ml.model import build_model
     from mmfed.ml.training import train_local
 
-    limit_threads()
     start = time.perf_counter()
     node_config = node_config or {}
-    site = get_site(folder)
-    train, _ = get_encoded(site, schema, cfg["data.val_fraction"], cfg["seed"])
+    loaded = _opened(site)
+    train, _ = site_state().splits(loaded, schema, cfg["data.val_fraction"], cfg["seed"])
     spec = cfg.train_spec()
-    policy = site_policy(node_config, cfg, site.name)
+    policy = site_policy(node_config, cfg, loaded.name)
     model = build_model(schema, cfg.model_spec())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
-    seed = site_seed(cfg["seed"], round_num, site.name)
+    seed = site_seed(cfg["seed"], round_num, loaded.name)
     device = resolve_device(spec.device)
     if not policy.enabled:
         metrics = train_local(model, train, spec, len(schema.classes), seed=seed,
                               device=device)
         metrics.update(private=0.0)
     else:
+        from mmfed.files import state_hash
         from mmfed.privacy.budget import SiteBudget
         from mmfed.privacy.dp_sgd import train_private
         from mmfed.privacy.ledger import ledger_dir
-        from mmfed.files import state_hash
         from mmfed.privacy.releases import ReleaseCache
 
         run_id = cfg["run_id"] or "unnamed-run"
         ledger_root = str(node_config.get("ledger-dir") or cfg["privacy.ledger_dir"])
-        budget = SiteBudget(folder, policy, ledger_root, site.name, run_id)
+        budget = SiteBudget(loaded.folder, policy, ledger_root, loaded.name, run_id)
         releases = ReleaseCache(ledger_dir(ledger_root), budget.ledger.fingerprint)
         global_hash = state_hash(global_state)
         earlier = releases.load(run_id, round_num, global_hash)
@@ -237,7 +177,7 @@ def _re_release(budget: SiteBudget, earlier: tuple[dict[str, np.ndarray], dict[s
     return TrainOutcome(state, out, modality_counts(train, spec.modalities))
 
 
-def evaluate_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
+def evaluate_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
                    global_state: dict[str, np.ndarray]) -> dict[str, float]:
     """Evaluate the global model on the site's own validation split."""
     import torch
@@ -245,9 +185,8 @@ def evaluate_round(folder: Path, cfg: RunConfig, schema: FeatureSchema,
     from mmfed.ml.model import build_model
     from mmfed.ml.training import evaluate
 
-    limit_threads()
-    site = get_site(folder)
-    _, val = get_encoded(site, schema, cfg["data.val_fraction"], cfg["seed"])
+    loaded = _opened(site)
+    _, val = site_state().splits(loaded, schema, cfg["data.val_fraction"], cfg["seed"])
     if len(val) == 0:
         return {"num_examples": 0.0}
     model = build_model(schema, cfg.model_spec())
