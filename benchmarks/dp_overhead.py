@@ -32,7 +32,7 @@ import torch
 from mmfed.config import RunConfig
 from mmfed.data import load_site
 from mmfed.data.synth import SynthSettings, synthesize
-from mmfed.ml.features import encode, local_stats, merge_stats
+from mmfed.ml.features import encode, pooled_schema
 from mmfed.ml.model import build_model
 from mmfed.ml.training import make_loss, make_optimizer, tensor_dataset
 from mmfed.privacy.dp_sgd import NoiseSource, dropout_off, make_private
@@ -131,7 +131,7 @@ def main() -> None:
         synthesize(Path(tmp) / "fed", SynthSettings(
             sites=1, patients_per_site=max(600, 5 * args.batch_size), seed=0))
         site = load_site(Path(tmp) / "fed" / "site-1")
-    schema = merge_stats([local_stats(site)])
+    schema = pooled_schema([site])
     enc = encode(site, schema)
     data = tensor_dataset(enc)
     spec = cfg.train_spec()

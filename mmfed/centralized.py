@@ -15,9 +15,9 @@ import numpy as np
 
 from mmfed.config import RunConfig
 from mmfed.data.reader import load_site
-from mmfed.ml.features import EncodedSite, encode, local_stats, merge_stats, split_indices
+from mmfed.ml.features import EncodedSite, encode, pooled_schema, split_indices
+from mmfed.run.prepare import default_out, prepare_run
 from mmfed.run.rundir import RunDir
-from mmfed.simulate import default_out, prepare_run
 
 
 def pooled_training_data(cfg: RunConfig) -> tuple[Any, EncodedSite, EncodedSite]:
@@ -26,7 +26,7 @@ def pooled_training_data(cfg: RunConfig) -> tuple[Any, EncodedSite, EncodedSite]
 
     root = Path(cfg["data.dir"])
     sites = [load_site(folder) for folder in list_sites(root)]
-    schema = merge_stats([local_stats(s) for s in sites])
+    schema = pooled_schema(sites)
     parts = []
     for site in sites:
         train_idx, _ = split_indices(site.ids, site.labels, cfg["data.val_fraction"],
@@ -41,9 +41,8 @@ def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, A
     from mmfed.ml.device import resolve_device
     from mmfed.ml.model import build_model
     from mmfed.ml.training import evaluate, train_local
-    from mmfed.site.runtime import limit_threads, site_seed
+    from mmfed.site.runtime import site_seed
 
-    limit_threads()
     started = time.perf_counter()
     schema, train, holdout = pooled_training_data(cfg)
     model = build_model(schema, cfg.model_spec(), seed=cfg["seed"])
@@ -79,7 +78,10 @@ def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, A
 
 
 def centralized_from_args(args: argparse.Namespace) -> int:
+    from mmfed.ml.process import limit_threads
     from mmfed.run.progress import Progress
+
+    limit_threads()
 
     extra = {"seed": args.seed, "data.dir": str(args.data) if args.data else None}
     cfg = RunConfig.load(args.config, args.overrides, extra)

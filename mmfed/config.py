@@ -286,10 +286,11 @@ class SitePrivacyConfig(_Section):
         description="the smallest secure-aggregation threshold the site accepts; 0: the "
         "protocol's floor, more than half of each share group")
     min_cohort: int = Field(
-        default=3, ge=2, le=100_000,
+        default=3, ge=1, le=100_000,
         description="the fewest sites, itself included, whose updates must be summed with "
         "its own; with 2, each site can subtract its update from the sum and read the "
-        "other's")
+        "other's, and 1 lets the server see the update alone (both allowed, with a "
+        "warning)")
 
 
 class PrivacyConfig(SitePrivacyConfig):
@@ -300,6 +301,10 @@ class PrivacyConfig(SitePrivacyConfig):
         default="hooks",
         description="ghost clipping saves memory and falls back to hooks where "
         "unsupported")
+    debug_seeded_noise: bool = Field(
+        default=False,
+        description="simulation only, for debugging: DP noise drawn from the run seed, "
+        "which the coordinator knows, so it protects nothing; a deployed site refuses it")
     ledger_dir: str = Field(
         default="",
         description="where spent budgets are kept across runs; empty: $MMFED_LEDGER_DIR, "

@@ -8,110 +8,26 @@ than a Ray traceback a minute later.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 from mmfed.config import RunConfig
-from mmfed.data.reader import list_sites, read_site
 from mmfed.errors import DataError, UsageError
-from mmfed.run.resume import ResumePoint
-from mmfed.run.rundir import RunDir
-
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
-def default_out(kind: str) -> Path:
-    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def validate_federation(root: Path) -> list[Path]:
-    """Every site folder and the holdout must check clean before anything trains."""
-    sites = list_sites(root)
-    for folder in [*sites, root / "holdout"]:
-        if folder.name == "holdout" and not folder.is_dir():
-            raise DataError(f"{root}: no holdout/ folder (the server's evaluation set)")
-        result = read_site(folder)
-        if not result.ok:
-            extra = len(result.problems) - 1
-            more = f" (and {extra} more; run `mmfed data check {folder}`)" if extra else ""
-            raise DataError(f"{folder}: {result.problems[0]}{more}", result.problems)
-    return sites
-
-
-def check_secagg_settings(cfg: RunConfig, n_sites: int) -> None:
-    """Refuse impossible secure-aggregation settings before anything starts."""
-    from mmfed.secagg import SecAggError
-    from mmfed.server.secure import secagg_params
-
-    if n_sites < 2:
-        raise UsageError("secure aggregation needs at least 2 sites (a single site's "
-                         "'aggregate' is its update); use --no-secagg for one site")
-    try:
-        secagg_params(cfg, 1, n_sites, 1).validate()
-    except SecAggError as exc:
-        raise UsageError(f"secure aggregation settings: {exc}") from None
-
-
-def prepare_run(cfg: RunConfig, out: Path, *, fresh: bool = True) -> tuple[RunConfig, RunDir]:
-    """Create the run directory, synthesize data if none was given, freeze the config."""
-    out = out.resolve()
-    run = RunDir(out, fresh=fresh)
-    if not cfg["data.dir"]:
-        from mmfed.data.synth import SynthSettings, parse_missing, synthesize
-
-        data = out / "data"
-        if not (data / "cohort.json").exists():
-            p = cfg["data.patient_missing"]
-            synthesize(data, SynthSettings(
-                sites=cfg["data.sites"], patients_per_site=cfg["data.patients_per_site"],
-                holdout=cfg["data.holdout"], seed=cfg["seed"], genes=cfg["data.genes"],
-                patient_missing={"images": p, "genomics": p},
-                site_missing=parse_missing(list(cfg["data.missing"]), cfg["data.sites"])))
-        cfg.set("data.dir", str(data))
-    else:
-        cfg.set("data.dir", str(Path(cfg["data.dir"]).resolve()))
-    sites = validate_federation(Path(cfg["data.dir"]))
-    cfg.set("data.sites", len(sites))
-    if cfg["secagg.enabled"]:
-        check_secagg_settings(cfg, len(sites))
-    if cfg["federation.min_sites"] > len(sites):
-        raise UsageError(f"federation.min_sites = {cfg['federation.min_sites']} but the "
-                         f"federation has {len(sites)} site(s)")
-    cfg.set("out", str(out))
-    if not cfg["run_id"]:
-        import uuid
-
-        cfg.set("run_id", uuid.uuid4().hex)
-    run.write_config(cfg)
-    return cfg, run
-
-
-def quiet_flower(debug: bool) -> None:
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    mmfed_log = logging.getLogger("mmfed")
-    if not mmfed_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("mmfed: %(levelname)s: %(message)s"))
-        mmfed_log.addHandler(handler)
-        mmfed_log.setLevel(logging.DEBUG if debug else logging.INFO)
-    if not debug:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*deprecated.*")
+from mmfed.ml.device import resolve_device, simulation_gpus
+from mmfed.ml.process import quiet_process
+from mmfed.run.prepare import default_out, prepare_run, validate_federation
+from mmfed.run.progress import Progress
+from mmfed.run.resume import (
+    ResumePoint,
+    find_resume_point,
+    load_run_config,
+    refuse_run_flags,
+    truncate_metrics,
+)
+from mmfed.run.rundir import RunDir, read_metrics
 
 
 def ray_backend_config(cfg: RunConfig, debug: bool = False) -> dict[str, Any]:
@@ -122,8 +38,6 @@ def ray_backend_config(cfg: RunConfig, debug: bool = False) -> dict[str, Any]:
     depends on the machine, not on the number of sites. On CUDA each actor also asks
     for its share of the GPUs (see ``mmfed.ml.device.simulation_gpus``).
     """
-    from mmfed.ml.device import simulation_gpus
-
     cpus = float(cfg["simulation.cpus_per_site"])
     total_cpus = max(int(os.cpu_count() or 1), math.ceil(cpus))
     gpus_per_site, gpus = simulation_gpus(cfg["train.device"],
@@ -141,18 +55,18 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
     """Run the federation on Ray: one virtual SuperNode per site folder."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    quiet_flower(debug)  # after the import: flwr sets its logger up when imported
+    quiet_process(debug)  # after the import: flwr sets its logger up when imported
 
-    from mmfed.run.progress import Progress
-    from mmfed.server.app import make_server_app
+    # Not at the top: these import flwr and torch, which read the environment that
+    # quiet_process has just set (Flower's telemetry switch, one OpenMP thread).
+    from mmfed.server.app import prepared, server_app
     from mmfed.site.app import app as client_app
 
     n_sites = int(cfg["data.sites"])
     backend = ray_backend_config(cfg, debug)
     with Progress(cfg["rounds"], f"mmfed simulate ({n_sites} sites)", live=live) as progress:
-        server_app = make_server_app(cfg, run, on_round=progress.round_done,
-                                     expected_sites=n_sites, resume=resume)
-        flwr_run_simulation(server_app=server_app, client_app=client_app,
+        server = server_app(prepared(cfg, run, resume), on_round=progress.round_done)
+        flwr_run_simulation(server_app=server, client_app=client_app,
                             num_supernodes=n_sites, backend_config=backend,  # type: ignore[arg-type]
                             verbose_logging=debug)
     if not (run.path / "summary.json").exists():
@@ -162,13 +76,6 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
 
 def resume_simulation(run_path: Path, args: argparse.Namespace) -> int:
     """``mmfed simulate --resume RUN``: continue a crashed run after its last full round."""
-    from mmfed.run.resume import (
-        find_resume_point,
-        load_run_config,
-        refuse_run_flags,
-        truncate_metrics,
-    )
-
     refuse_run_flags((("--config", args.config), ("--data", args.data), ("--seed", args.seed),
                       ("--out", args.out), ("--sites", args.sites), ("--rounds", args.rounds),
                       ("--set", args.overrides), ("--dp", args.dp), ("--no-dp", args.no_dp),
@@ -202,8 +109,6 @@ def simulate_from_args(args: argparse.Namespace) -> int:
     if args.data and args.sites:
         raise UsageError("--sites only applies to synthesized data; with --data the "
                          "federation folder decides")
-    from mmfed.ml.device import resolve_device
-
     resolve_device(cfg["train.device"])  # a missing GPU is one line, before any work
     out = args.out or (Path(cfg["out"]) if cfg["out"] else default_out("simulate"))
     cfg, run = prepare_run(cfg, out)
@@ -213,8 +118,6 @@ def simulate_from_args(args: argparse.Namespace) -> int:
 
 
 def _report_done(cfg: RunConfig, run: RunDir, started: float) -> int:
-    from mmfed.run.rundir import read_metrics
-
     last = read_metrics(run.path)[-1]
     auroc = last["global"].get("auroc")
     print(f"done: {cfg['rounds']} rounds over {cfg['data.sites']} sites in "

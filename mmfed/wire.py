@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from mmfed.config import RunConfig
 from mmfed.errors import MmfedError
-from mmfed.ml.features import FeatureSchema
+from mmfed.ml.features import FeatureSchema, StatsLayout
 from mmfed.secagg import SecAggParams
 
 
@@ -36,25 +36,29 @@ QUERY = "query"
 TRAIN = "train"
 EVALUATE = "evaluate"
 ACTION_STATS = "stats"
+ACTION_MOMENTS = "moments"
 ACTION_SHARE = "secagg_share"
 ACTION_MASK = "secagg_mask"
 ACTION_UNMASK = "secagg_unmask"
 STATS = f"{QUERY}.{ACTION_STATS}"
+MOMENTS = f"{QUERY}.{ACTION_MOMENTS}"
 SECAGG_SHARE = f"{QUERY}.{ACTION_SHARE}"
 SECAGG_MASK = f"{QUERY}.{ACTION_MASK}"
 SECAGG_UNMASK = f"{QUERY}.{ACTION_UNMASK}"
-MESSAGE_TYPES = (STATS, TRAIN, EVALUATE, SECAGG_SHARE, SECAGG_MASK, SECAGG_UNMASK)
+MESSAGE_TYPES = (STATS, MOMENTS, TRAIN, EVALUATE, SECAGG_SHARE, SECAGG_MASK, SECAGG_UNMASK)
 ERR_SITE = 1001  # a site-side failure with a one-line reason
 
 # ------------------------------------------------------------------ record keys
 CONFIG = "config"  # the run configuration (+ round) of a request
 SCHEMA = "schema"  # the federation's feature schema
 MODEL = "model"  # model weights: the global model down, a plaintext update up
-SITE = "site"  # a reply's sender (and, for stats, its local statistics)
+SITE = "site"  # a reply's sender (and, for stats, its column names)
+LAYOUT = "layout"  # the federation's columns and their clipping scales
 METRICS = "metrics"  # a reply's figures (examples, loss, ε, ...)
 SECAGG = "secagg"  # secure-aggregation parameters (train request) or stage payload
 STAGE = "stage"  # which round and site a secure-aggregation stage belongs to
 MASKED = "masked"  # a site's masked update vector
+MOMENT_ARRAYS = "moments"  # a plaintext moments reply: per-column moments and counts
 ROUND = "round"  # inside CONFIG: the round number
 NAME = "name"  # inside SITE: the site's name
 SEGMENT_GROUPS = "segment_groups"  # inside SECAGG: weight group name of each segment
@@ -120,6 +124,48 @@ def declined_of(content: RecordDict) -> str | None:
         return None
     reason = content.config_records[DECLINED].get("reason")
     return str(reason) if isinstance(reason, str) and reason else "declined"
+
+
+def moments_request(cfg: RunConfig, layout: StatsLayout, *,
+                    cohort: int | None = None) -> RecordDict:
+    """Ask for each site's per-column moments under ``layout`` (before round 1)."""
+    content = request(cfg, 0, cohort=cohort)
+    content[LAYOUT] = ConfigRecord(layout.to_config())
+    return content
+
+
+def layout_of(content: RecordDict) -> StatsLayout:
+    if LAYOUT not in content.config_records:
+        raise WireError("moments request without its layout")
+    try:
+        return StatsLayout.from_config(dict(content.config_records[LAYOUT]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"malformed statistics layout ({exc})") from None
+
+
+def moments_reply(site: str, moments: np.ndarray, counts: np.ndarray) -> RecordDict:
+    """A plaintext moments reply (only where the site's policy allows plaintext)."""
+    content = reply_content(site)
+    content[MOMENT_ARRAYS] = ArrayRecord({
+        "moments": Array(np.ascontiguousarray(moments, dtype=np.float64)),
+        "counts": Array(np.ascontiguousarray(counts, dtype=np.int64))})
+    return content
+
+
+def moments_of(content: RecordDict, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    if MOMENT_ARRAYS not in content.array_records:
+        raise WireError("moments reply without its moments")
+    record = content.array_records[MOMENT_ARRAYS]
+    if "moments" not in record or "counts" not in record:
+        raise WireError("moments reply without its moments")
+    moments, counts = record["moments"].numpy(), record["counts"].numpy()
+    if moments.shape != (2 * columns,) or counts.shape != (columns,):
+        raise WireError(f"moments of shape {moments.shape}, counts {counts.shape}; the "
+                        f"layout has {columns} columns")
+    if not np.all(np.isfinite(moments)) or np.abs(moments).max(initial=0) > 1.0 \
+            or (counts < 0).any():
+        raise WireError("moments out of range")
+    return moments.astype(np.float64), counts.astype(np.int64)
 
 
 def to_array_record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -268,6 +314,13 @@ def with_secagg(base: RecordDict, secagg: SecAggRequest) -> RecordDict:
         content[key] = arrays
     content[SECAGG] = secagg.to_record()
     return content
+
+
+def secagg_of(content: RecordDict) -> ConfigRecord:
+    """A stage reply's secure-aggregation record; its absence is a malformed reply."""
+    if SECAGG not in content.config_records:
+        raise WireError("reply without its secure aggregation record")
+    return content.config_records[SECAGG]
 
 
 def public_keys(keys: Mapping[str, bytes]) -> ConfigRecord:

@@ -85,7 +85,7 @@ def test_training_runs_on_the_resolved_device(tmp_path: Path) -> None:
     the same call runs on CUDA on a GPU machine: see benchmarks/README.md)."""
     from mmfed.data.reader import load_site
     from mmfed.data.synth import SynthSettings, synthesize
-    from mmfed.ml.features import encode, local_stats, merge_stats
+    from mmfed.ml.features import encode, pooled_schema
     from mmfed.ml.model import build_model
     from mmfed.ml.specs import ModelSpec, TrainSpec
     from mmfed.ml.training import evaluate, train_local
@@ -94,7 +94,7 @@ def test_training_runs_on_the_resolved_device(tmp_path: Path) -> None:
     synthesize(tmp_path, SynthSettings(sites=1, patients_per_site=40, holdout=20, seed=3,
                                        genes=20))
     site = load_site(tmp_path / "site-1")
-    schema = merge_stats([local_stats(site)])
+    schema = pooled_schema([site])
     enc = encode(site, schema)
     device = resolve_device("auto")
     for private in (False, True):

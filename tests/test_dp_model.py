@@ -19,7 +19,7 @@ from torch import nn
 
 from mmfed.data import load_site
 from mmfed.data.synth import SynthSettings, synthesize
-from mmfed.ml.features import EncodedSite, FeatureSchema, encode, local_stats, merge_stats
+from mmfed.ml.features import EncodedSite, FeatureSchema, encode, pooled_schema
 from mmfed.ml.model import FUSIONS, ModelSpec, OrderStatisticPool, build_model
 from mmfed.ml.specs import TrainSpec
 from mmfed.ml.training import tensor_dataset
@@ -32,7 +32,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[FeatureSchema, Enc
     synthesize(root, SynthSettings(sites=1, patients_per_site=48, holdout=20, genes=30,
                                    image_size=16, seed=3))
     site = load_site(root / "site-1")
-    schema = merge_stats([local_stats(site)])
+    schema = pooled_schema([site])
     return schema, encode(site, schema)
 
 

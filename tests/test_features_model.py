@@ -23,12 +23,17 @@ from mmfed.data.reader import SiteData, load_site
 from mmfed.data.sitespec import SiteSpec, write_site_spec
 from mmfed.ml.features import (
     HASH_BUCKETS,
+    ColumnNames,
     EncodedSite,
     FeatureSchema,
-    LocalStats,
+    StatsLayout,
+    column_moments,
+    column_names,
     encode,
-    local_stats,
-    merge_stats,
+    merge_names,
+    pool_moments,
+    pooled_schema,
+    schema_from_moments,
     split_indices,
 )
 from mmfed.ml.model import FUSIONS, ModelSpec, MultimodalNet, build_model
@@ -101,7 +106,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[SiteData, SiteData]
 
 @pytest.fixture(scope="module")
 def schema(sites: tuple[SiteData, SiteData]) -> FeatureSchema:
-    return merge_stats([local_stats(s) for s in sites])
+    return pooled_schema(list(sites))
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +160,7 @@ def test_merge_gives_pooled_mean_and_std(schema: FeatureSchema) -> None:
 
 def test_merge_is_independent_of_site_order(sites: tuple[SiteData, SiteData],
                                             schema: FeatureSchema) -> None:
-    other = merge_stats([local_stats(sites[1]), local_stats(sites[0])])
+    other = pooled_schema([sites[1], sites[0]])
     assert other.numeric == schema.numeric
     assert other.numeric_mean == pytest.approx(schema.numeric_mean)
     assert other.numeric_std == pytest.approx(schema.numeric_std)
@@ -165,26 +170,52 @@ def test_schema_survives_config_round_trip(schema: FeatureSchema) -> None:
     assert FeatureSchema.from_config(json.loads(json.dumps(schema.to_config()))) == schema
 
 
-def test_local_stats_share_no_category_values_or_ids(sites: tuple[SiteData, SiteData]) -> None:
+def test_column_names_share_no_numbers_category_values_or_ids(
+        sites: tuple[SiteData, SiteData]) -> None:
+    """What a site states in the clear: column names, never a statistic."""
     for site in sites:
-        stats = local_stats(site)
-        text = json.dumps(stats.to_config())
+        names = column_names(site)
+        text = json.dumps(names.to_config())
         assert SECRET not in text
         for pid in site.ids:
             assert f'"{pid}"' not in text
-        assert "smoking" in stats.categorical  # the column name itself is shared
-        again = LocalStats.from_config(json.loads(text))
-        assert again == stats
+        assert "smoking" in names.categorical  # the column name itself is shared
+        assert ColumnNames.from_config(json.loads(text)) == names
+        values = json.loads(text)
+        assert set(values) == {"classes", "numeric", "categorical", "genes", "image_size"}
+        assert all(isinstance(v, str) for k in ("classes", "numeric", "categorical", "genes")
+                   for v in values[k])  # names only: no count, sum or spread
+
+
+def test_moments_are_bounded_and_give_the_pooled_schema(sites: tuple[SiteData, SiteData],
+                                                        schema: FeatureSchema) -> None:
+    """Each site's contribution is clipped to [-1, 1] and its count capped, and the
+    count-weighted moments give the same schema as the pooled data."""
+    layout = merge_names([column_names(s) for s in sites]).with_scales(list(sites))
+    parts = [column_moments(s, layout) for s in sites]
+    for moments, counts in parts:
+        assert moments.shape == (2 * layout.columns,) and np.abs(moments).max() <= 1.0
+        assert counts.shape == (layout.columns,) and (counts >= 0).all()
+    capped = column_moments(sites[0], layout, count_cap=2)[1]
+    assert capped.max() <= 2
+    again = schema_from_moments(layout, *pool_moments(parts))
+    assert again.numeric_mean == pytest.approx(schema.numeric_mean)
+    assert again.gene_std == pytest.approx(schema.gene_std)
+    assert StatsLayout.from_config(json.loads(json.dumps(layout.to_config()))) == layout
+    # a tiny scale clips: bounded influence, a wrong but finite schema
+    tight = StatsLayout(**{**layout.__dict__, "scales": [1e-3] * layout.columns})
+    moments, _ = column_moments(sites[0], tight)
+    assert np.abs(moments).max() <= 1.0
 
 
 def test_sites_with_different_classes_are_refused(sites: tuple[SiteData, SiteData]) -> None:
     from mmfed.errors import DataError
 
-    a = local_stats(sites[0])
-    b = local_stats(sites[1])
+    a = column_names(sites[0])
+    b = column_names(sites[1])
     b.classes = ["neg", "pos"]
     with pytest.raises(DataError, match="classes"):
-        merge_stats([a, b])
+        merge_names([a, b])
 
 
 # --------------------------------------------------------------------------- encoding

@@ -49,7 +49,7 @@ def test_flwr_run_dot(tmp_path: Path) -> None:
            # flwr starts `flower-superlink` from PATH: the venv's bin must be on it
            "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     overrides = (f'rounds=2 out="{out}" data.patients_per_site=50 data.sites=2 '
-                 'train.batch_size=16')
+                 'train.batch_size=16 privacy.min_cohort=2')
     try:
         proc = subprocess.run([str(flwr), "run", ".", "--stream", "--run-config", overrides],
                               cwd=app, env=env, capture_output=True, text=True, timeout=420)

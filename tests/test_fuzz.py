@@ -592,7 +592,7 @@ def test_text_with_del_survives_config_toml() -> None:
     ("[privacy]\nepsilon = 2000.0\n", "'epsilon': must be between 0.001 and 1000"),
     ('[privacy]\nepsilon = "8"\n', "'epsilon': expected float"),
     ('[privacy]\nsecure_aggregation = "never"\n', "must be one of required, optional"),
-    ("[privacy]\nmin_cohort = 1\n", "'min_cohort': must be between 2 and"),
+    ("[privacy]\nmin_cohort = 0\n", "'min_cohort': must be between 1 and"),
 ])
 def test_policy_schema_errors_are_one_line(scratch: Path, text: str, needle: str) -> None:
     path = scratch / "policy-case.toml"

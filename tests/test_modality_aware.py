@@ -24,13 +24,15 @@ from mmfed.ml.updates import (
     flat_delta,
     group_weights,
     grouped_average,
-    segment_counts,
     segment_layout,
 )
 from mmfed.run.saved_model import load_saved_model
 from mmfed.secagg import SecAggClient, SecAggParams, SecAggServer
 from mmfed.secagg.quantize import pack_segments, unpack_segments
+from mmfed.server.secure import aggregate_problem
 from mmfed.site.runtime import train_round
+from mmfed.site.secagg import segment_weights
+from mmfed.wire import SecAggRequest
 from tests.helpers import run_mmfed
 
 SMALL = ["--sites", "3", "--rounds", "1", "--no-progress", "--no-dp", "--seed", "3",
@@ -95,7 +97,9 @@ def test_genomic_encoder_is_mean_over_sites_with_genomics(tmp_path: Path, secure
 
 
 def test_grouped_average_matches_secure_segments() -> None:
-    """The same weighted means from the plaintext rule and from the masked segment sum."""
+    """The same weighted means from the plaintext rule and from the masked segment sum,
+    each site weighing its segments as a real site does (``site.secagg.segment_weights``
+    from the server's segment groups)."""
     rng = np.random.default_rng(0)
     ref = {"genomics.w": np.zeros((3, 4), np.float32), "head.b": np.zeros(2, np.float32),
            "images.k": np.zeros(5, np.float32), "fusion.v": np.zeros(3, np.float32),
@@ -116,8 +120,11 @@ def test_grouped_average_matches_secure_segments() -> None:
     server = SecAggServer(params)
     server.collect_keys({i: c.advertise() for i, c in enumerate(clients)})
     routed = server.route({i: c.share_keys(server.keys_for(i)) for i, c in enumerate(clients)})
-    masked = {i: c.masked_input(routed.get(i, {}), flat_delta(states[i], ref),
-                                segment_counts(layout, counts[i]))
+    groups = tuple(g for g, _ in layout)
+    weights = [segment_weights(SecAggRequest(params, i, groups), counts[i]["examples"],
+                               counts[i]) for i in range(3)]
+    assert weights[1] == [30, 25, 30, 0, 30]  # examples, genomics, examples, images, records
+    masked = {i: c.masked_input(routed.get(i, {}), flat_delta(states[i], ref), weights[i])
               for i, c in enumerate(clients)}
     survivors, dropped = server.unmask_request(list(masked))
     reveals = {i: clients[i].unmask(survivors, dropped) for i in survivors}
@@ -168,8 +175,6 @@ def test_patterns_group_patients_by_what_they_have() -> None:
 
 
 def test_server_checks_the_secure_aggregate_segment_by_segment() -> None:
-    from mmfed.server.secure import aggregate_problem
-
     params = SecAggParams(run_id="r", round=1, site_ids=[0, 1], threshold=2, neighbours=None,
                           clip_range=1.0, max_sites=2, count_cap=100, vector_length=8,
                           segments=(4, 4))

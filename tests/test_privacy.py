@@ -120,14 +120,14 @@ KILL_SCRIPT = textwrap.dedent("""
     import numpy as np, torch
     from mmfed.config import RunConfig
     from mmfed.data import load_site
-    from mmfed.ml.features import local_stats, merge_stats
+    from mmfed.ml.features import pooled_schema
     from mmfed.ml.model import build_model
     from mmfed.site import runtime as site_runtime
 
     site_dir, ledger, first, last, kill = Path(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:])
     cfg = RunConfig({"privacy.enabled": True, "privacy.ledger_dir": ledger, "rounds": 6,
                      "run_id": "run-A", "train.batch_size": 16})
-    schema = merge_stats([local_stats(load_site(site_dir))])
+    schema = pooled_schema([load_site(site_dir)])
     state = {k: v.numpy() for k, v in build_model(schema, seed=0).state_dict().items()}
     for rnd in range(first, last + 1):
         out = site_runtime.train_round(site_dir, cfg, schema, state, rnd)
@@ -175,8 +175,10 @@ def test_killed_site_process_continues_its_ledger(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_dp_federation_budget_rerun_and_tiny_budget_decline(tmp_path: Path) -> None:
     ledger_dir = tmp_path / "ledger"
+    # two sites under secure aggregation: each accepts a sum of two (min_cohort = 2)
     common = ["--no-progress", "--dp", "--set", f"privacy.ledger_dir={ledger_dir}",
-              "--set", "train.batch_size=16", "--set", "train.local_epochs=1"]
+              "--set", "train.batch_size=16", "--set", "train.local_epochs=1",
+              "--set", "privacy.min_cohort=2"]
     proc = run_mmfed("data", "synth", "--out", tmp_path / "fed", "--sites", "2",
                      "--patients-per-site", "48", "--holdout", "30", "--genes", "40")
     assert proc.returncode == 0, proc.stderr

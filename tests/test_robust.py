@@ -1,4 +1,4 @@
-"""Update validation, robust aggregation, corrupt-update drills and the site's guard (unit).
+"""Update validation, aggregation, corrupt-update drills and the site's guard (unit).
 
 Pure numpy: every expected value is worked out by hand or by an independent numpy
 expression, so a wrong median, trim count or rejection reason fails here before a
@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 
 from mmfed.errors import MmfedError
+from mmfed.ml.updates import grouped_average
+from mmfed.secagg import SecAggParams
 from mmfed.server import robust
 from mmfed.site import faults
 from mmfed.site.secagg import guard
+from mmfed.wire import SecAggRequest
 
 
 def state(w: list[float] | np.ndarray, b: float = 0.0, steps: int = 3) -> dict[str, np.ndarray]:
@@ -130,20 +133,30 @@ def test_robust_rules_resist_an_outlier_that_breaks_fedavg() -> None:
     for rule in ("median", "trimmed_mean"):
         out = robust.aggregate_robust(rule, pairs, trim_fraction=0.1)["layer.weight"]
         assert np.all((lo <= out) & (out <= hi)), rule
-    avg = robust.aggregate_robust("fedavg", pairs)["layer.weight"]
-    assert np.all(avg > 1e5)  # the contrast that makes the check above meaningful
+    # FedAvg as the plaintext round computes it: the contrast that makes the check above
+    # meaningful
+    avg = grouped_average([(s, {"examples": 100}) for s, _ in pairs],
+                          state(np.zeros(50)))["layer.weight"]
+    assert np.all(avg > 1e5)
 
 
 def test_fedavg_is_example_weighted() -> None:
-    out = robust.aggregate_robust("fedavg", [(state([0, 0, 0]), 1), (state([4, 8, 12]), 3)])
+    """FedAvg is ``grouped_average``: parameters outside a modality's encoder are weighted
+    by examples; a group nobody trained keeps the global value; integers are kept."""
+    out = grouped_average([(state([0, 0, 0], steps=7), {"examples": 1}),
+                           (state([4, 8, 12], steps=9), {"examples": 3})], REF)
     np.testing.assert_allclose(out["layer.weight"], [3, 6, 9])
-    with pytest.raises(ValueError):
-        robust.fedavg([(state([0, 0, 0]), 0.0)])
+    assert out["layer.weight"].dtype == np.float32
+    assert out["layer.steps"] == REF["layer.steps"]  # non-float entries: the global model's
+    untouched = grouped_average([(state([4, 8, 12]), {"examples": 0})], REF)
+    np.testing.assert_array_equal(untouched["layer.weight"], REF["layer.weight"])
 
 
 def test_aggregation_refuses_unknown_rule_and_unvalidated_input() -> None:
-    with pytest.raises(ValueError, match="unknown aggregation rule"):
+    with pytest.raises(ValueError, match="unknown robust aggregation rule"):
         robust.aggregate_robust("krum", [(REF, 1.0)])
+    with pytest.raises(ValueError, match="unknown robust aggregation rule"):
+        robust.aggregate_robust("fedavg", [(REF, 1.0)])  # not robust: grouped_average
     with pytest.raises(ValueError, match="validate first"):
         robust.coordinate_median([state([1, 2, 3]), state([1, 2])])
     with pytest.raises(ValueError):
@@ -184,7 +197,9 @@ def test_each_corruption_is_caught_by_validation(kind: str, reason: str) -> None
 
 
 def test_guard_refuses_bad_vectors_and_clips_good_ones() -> None:
-    record = {"vector_length": 4, "clip_range": 1.0}
+    params = SecAggParams(run_id="r", round=1, site_ids=[0, 1], threshold=2, neighbours=None,
+                          clip_range=1.0, max_sites=2, count_cap=100, vector_length=4)
+    record = SecAggRequest(params, 0)
     honest = np.array([0.5, -2.0, 0.25, 3.0], np.float32)
     np.testing.assert_array_equal(guard(record, honest, max_norm=10.0), [0.5, -1, 0.25, 1])
     cases = {"nan": "1 NaN or infinite value(s)", "shape": "has 5 values, the model 4",

@@ -13,7 +13,7 @@ import pytest
 
 from mmfed.data import reader
 from mmfed.data.synth import SynthSettings, synthesize
-from mmfed.ml.features import local_stats, merge_stats, split_indices
+from mmfed.ml.features import pooled_schema, split_indices
 from mmfed.privacy import ledger
 from mmfed.site import state as site_state
 from tests.helpers import run_mmfed
@@ -98,7 +98,7 @@ def test_site_state_is_keyed_by_the_ledger_fingerprint_hashed_once_per_change(
     # The same data under another folder name is the same entry, not a second copy.
     moved = Path(shutil.copytree(folder, tmp_path / "there"))
     assert state.open(moved).data is first.data and len(hashed) == 2
-    schema = merge_stats([local_stats(first.data)])
+    schema = pooled_schema([first.data])
     train, val = state.splits(first, schema, 0.2, 0)
     assert state.splits(state.open(moved), schema, 0.2, 0)[0] is train
     assert len(train) + len(val) == len(first.data)

@@ -497,7 +497,12 @@ def test_invalid_parameters_give_one_clear_line(change, message):
 
 
 def test_default_threshold_and_group_sizes():
-    assert [default_threshold(n) for n in (1, 2, 3, 5, 20)] == [1, 2, 3, 4, 14]
+    # more than half of each share group, the least SecAggParams.validate accepts
+    assert [default_threshold(n) for n in (2, 3, 4, 5, 20)] == [2, 2, 3, 3, 11]
+    for n in (2, 3, 4, 5, 20):
+        replace(make_params(list(range(n))), threshold=default_threshold(n)).validate()
+    with pytest.raises(SecAggError, match="at least 2 sites"):
+        default_threshold(1)
     assert share_group_size(20, None) == 20
     assert share_group_size(20, 19) == 20
     assert effective_degree(20, 5) == 5  # odd k, even n: the antipode makes it regular

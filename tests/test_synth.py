@@ -14,7 +14,7 @@ from mmfed.data.reader import read_site
 from mmfed.data.sitespec import parse_site_spec
 from mmfed.data.synth import SynthSettings, parse_missing, synthesize
 from mmfed.errors import UsageError
-from mmfed.ml.features import encode, local_stats, merge_stats
+from mmfed.ml.features import encode, pooled_schema
 
 FOLDERS = ("site-1", "site-2", "holdout")
 
@@ -117,7 +117,7 @@ def test_synthetic_sites_have_gaps_but_encode_finite(
     root, _ = fed
     sites = [read_site(root / name).site for name in FOLDERS[:2]]
     assert all(s is not None for s in sites)
-    schema = merge_stats([local_stats(s) for s in sites])  # type: ignore[arg-type]
+    schema = pooled_schema(list(sites))  # type: ignore[arg-type]
     gaps = 0
     for site in sites:
         assert site is not None

@@ -34,8 +34,9 @@ def test_message_names_match_the_client_app_registrations() -> None:
     """Each query type the server sends is one the ClientApp registered, spelled once."""
     assert wire.STATS == f"query.{wire.ACTION_STATS}"
     registered = {name for name in site_app.app._registered_funcs if name.startswith("query.")}
-    assert registered == {wire.STATS, wire.SECAGG_SHARE, wire.SECAGG_MASK, wire.SECAGG_UNMASK}
-    assert len(set(wire.MESSAGE_TYPES)) == len(wire.MESSAGE_TYPES) == 6
+    assert registered == {wire.STATS, wire.MOMENTS, wire.SECAGG_SHARE, wire.SECAGG_MASK,
+                          wire.SECAGG_UNMASK}
+    assert len(set(wire.MESSAGE_TYPES)) == len(wire.MESSAGE_TYPES) == 7
 
 
 def test_request_round_trips_config_round_schema_and_model() -> None:

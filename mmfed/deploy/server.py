@@ -64,8 +64,8 @@ def say(text: str) -> None:
 
 
 def plan_from_args(args: argparse.Namespace) -> ServerPlan:
-    from mmfed.server.deployed import validate_holdout
-    from mmfed.simulate import check_secagg_settings, default_out
+    from mmfed.run.prepare import default_out, validate_holdout
+    from mmfed.server.secure_settings import check_secagg_settings
 
     resume = getattr(args, "resume", None)
     if resume:
@@ -209,17 +209,13 @@ class MetricsFollower:
 
 def serve(plan: ServerPlan, *, live: bool | None = None) -> int:
     from mmfed.deploy.gateway import FleetGateway, GatewaySettings
+    from mmfed.run.prepare import freeze_config
     from mmfed.run.progress import Progress
     from mmfed.run.rundir import RunDir, read_metrics
 
     cfg = plan.cfg
     run = RunDir(plan.run_path, fresh=not plan.resume)
-    cfg.set("out", str(plan.run_path))
-    if not cfg["run_id"]:
-        import uuid
-
-        cfg.set("run_id", uuid.uuid4().hex)
-    run.write_config(cfg)
+    freeze_config(cfg, run)
     logs = plan.run_path / "logs"
     logs.mkdir(exist_ok=True)
     public = join_host_port(plan.host, plan.port)
@@ -322,9 +318,9 @@ def _write_deployment(plan: ServerPlan, node_ids: dict[str, int], public: str) -
 
 
 def server_from_args(args: argparse.Namespace) -> int:
-    from mmfed.simulate import quiet_flower
+    from mmfed.ml.process import quiet_process
 
-    quiet_flower(args.debug)
+    quiet_process(args.debug)
     plan = plan_from_args(args)
     try:
         return serve(plan, live=False if args.no_progress else None)

@@ -1,17 +1,21 @@
 """From a site's raw arrays to model-ready tensors under one federation-wide schema.
 
 Sites must feed the shared model the same columns in the same order and on the same
-scale, but must not pool their rows to compute that scale. So each site reports only
-column names and per-column sufficient statistics (count, sum, sum of squares); the
-server merges them into a ``FeatureSchema``. Categorical values are never shared at
-all: they are hashed into a fixed number of buckets, so no site's vocabulary (which
-can identify rare patients) ever leaves it.
+scale, but must not pool their rows to compute that scale. A site states only its
+column names in the clear (``ColumnNames``); the server merges them into a
+``StatsLayout`` and each site then contributes, per column, its count and the means of
+its clipped, scaled values and of their squares (``column_moments``). Under secure
+aggregation those are summed masked, like model updates, so the server learns the
+federation's per-column totals and never one site's; ``schema_from_moments`` turns the
+totals into a ``FeatureSchema``. Categorical values are never shared at all: they are
+hashed into a fixed number of buckets, so no site's vocabulary (which can identify
+rare patients) ever leaves it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,59 +24,6 @@ if TYPE_CHECKING:  # the reader pulls in pandas; secure-aggregation stages never
     from mmfed.data.reader import SiteData
 
 HASH_BUCKETS = 32  # index 0 means "missing"
-
-
-@dataclass
-class LocalStats:
-    """Per-column sufficient statistics of one site (no rows, no category values)."""
-
-    classes: list[str]
-    numeric: dict[str, tuple[float, float, float]]  # col -> (n, sum, sumsq)
-    categorical: list[str]
-    genes: dict[str, tuple[float, float, float]]
-    image_size: tuple[int, int] | None
-
-    def to_config(self) -> dict[str, Any]:
-        """Flatten to lists of scalars (Flower ConfigRecord friendly)."""
-        def flat(d: dict[str, tuple[float, float, float]], p: str) -> dict[str, Any]:
-            names = list(d)
-            return {f"{p}.names": names,
-                    f"{p}.n": [d[k][0] for k in names],
-                    f"{p}.sum": [d[k][1] for k in names],
-                    f"{p}.sumsq": [d[k][2] for k in names]}
-        out: dict[str, Any] = {"classes": self.classes, "categorical": self.categorical,
-                               "image_size": list(self.image_size or (0, 0))}
-        out.update(flat(self.numeric, "numeric"))
-        out.update(flat(self.genes, "genes"))
-        return out
-
-    @staticmethod
-    def from_config(cfg: dict[str, Any]) -> LocalStats:
-        def unflat(p: str) -> dict[str, tuple[float, float, float]]:
-            names = list(cfg.get(f"{p}.names", []))
-            return {k: (float(a), float(b), float(c)) for k, a, b, c in zip(
-                names, cfg[f"{p}.n"], cfg[f"{p}.sum"], cfg[f"{p}.sumsq"], strict=True)}
-        size = [int(s) for s in cfg.get("image_size", [0, 0])]
-        return LocalStats(classes=[str(c) for c in cfg["classes"]], numeric=unflat("numeric"),
-                          categorical=[str(c) for c in cfg.get("categorical", [])],
-                          genes=unflat("genes"),
-                          image_size=(size[0], size[1]) if size[0] > 0 else None)
-
-
-def _col_stats(values: np.ndarray) -> tuple[float, float, float]:
-    v = values[np.isfinite(values)].astype(np.float64)
-    return float(v.size), float(v.sum()), float((v**2).sum())
-
-
-def local_stats(site: SiteData) -> LocalStats:
-    numeric = {c: _col_stats(site.numeric[:, j]) for j, c in enumerate(site.numeric_cols)}
-    genes: dict[str, tuple[float, float, float]] = {}
-    if site.genomics is not None:
-        present = site.genomics[site.genomics_mask]
-        genes = {g: _col_stats(present[:, j]) for j, g in enumerate(site.genes)}
-    size = site.spec.image_size if site.spec.has("images") else None
-    return LocalStats(classes=list(site.spec.classes), numeric=numeric,
-                      categorical=list(site.categorical_cols), genes=genes, image_size=size)
 
 
 @dataclass
@@ -113,50 +64,228 @@ class FeatureSchema:
                                                                     HASH_BUCKETS)))
 
 
-def _merge(parts: list[dict[str, tuple[float, float, float]]]) -> tuple[list[str], list[float],
-                                                                        list[float]]:
-    totals: dict[str, list[float]] = {}
-    for part in parts:
-        for name, (n, s, ss) in part.items():
-            t = totals.setdefault(name, [0.0, 0.0, 0.0])
-            t[0] += n
-            t[1] += s
-            t[2] += ss
-    names = sorted(totals)
-    means, stds = [], []
-    for name in names:
-        n, s, ss = totals[name]
-        mean = s / n if n else 0.0
-        var = max(ss / n - mean**2, 0.0) if n else 1.0
-        means.append(mean)
-        stds.append(float(np.sqrt(var)) if var > 1e-12 else 1.0)
-    return names, means, stds
+# Clipping scale of a column the server's holdout cannot suggest one for: wide enough
+# for clinical values in their usual units; its mean and spread are then known coarsely.
+DEFAULT_SCALE = 1e4
 
 
-def merge_stats(stats: list[LocalStats], default_image_size: tuple[int, int] = (64, 64)
-                ) -> FeatureSchema:
-    """Combine the sites' statistics; columns are the union, sorted for a stable order.
+@dataclass
+class ColumnNames:
+    """What a site states in the clear for the schema: names, never numbers."""
+
+    classes: list[str]
+    numeric: list[str]
+    categorical: list[str]
+    genes: list[str]
+    image_size: tuple[int, int] | None
+
+    def to_config(self) -> dict[str, Any]:
+        return {"classes": self.classes, "numeric": self.numeric,
+                "categorical": self.categorical, "genes": self.genes,
+                "image_size": list(self.image_size or (0, 0))}
+
+    @staticmethod
+    def from_config(cfg: dict[str, Any]) -> ColumnNames:
+        size = [int(s) for s in cfg.get("image_size", [0, 0])]
+        return ColumnNames(classes=[str(c) for c in cfg["classes"]],
+                           numeric=[str(c) for c in cfg.get("numeric", [])],
+                           categorical=[str(c) for c in cfg.get("categorical", [])],
+                           genes=[str(g) for g in cfg.get("genes", [])],
+                           image_size=(size[0], size[1]) if size[0] > 0 else None)
+
+
+def column_names(site: SiteData) -> ColumnNames:
+    size = site.spec.image_size if site.spec.has("images") else None
+    genes = list(site.genes) if site.genomics is not None else []
+    return ColumnNames(classes=list(site.spec.classes), numeric=list(site.numeric_cols),
+                       categorical=list(site.categorical_cols), genes=genes,
+                       image_size=size)
+
+
+@dataclass
+class StatsLayout:
+    """The federation's columns, in schema order, each with a centre and a scale.
+
+    Every site lays its moments out in this order, so the vectors add up column by
+    column. A site contributes ``(x - centre) / scale``, clipped to [-1, 1]: the scale
+    bounds what one patient can add to a column's moments, and because the fixed-point
+    encoding of secure aggregation is exact only to a fraction of the scale, centring
+    near the mean keeps the spread (the mean square minus the squared mean) from being
+    lost to cancellation in a column such as body temperature, whose values are large
+    next to their spread.
+    """
+
+    classes: list[str]
+    numeric: list[str]
+    categorical: list[str]
+    genes: list[str]
+    image_size: tuple[int, int]
+    scales: list[float]  # numeric columns, then genes
+    centres: list[float] = field(default_factory=list)  # same order; empty: all 0
+
+    def __post_init__(self) -> None:
+        if not self.centres:
+            self.centres = [0.0] * len(self.scales)
+
+    @property
+    def columns(self) -> int:
+        return len(self.numeric) + len(self.genes)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"classes": self.classes, "numeric": self.numeric,
+                "categorical": self.categorical, "genes": self.genes,
+                "image_size": list(self.image_size), "scales": self.scales,
+                "centres": self.centres}
+
+    @staticmethod
+    def from_config(cfg: dict[str, Any]) -> StatsLayout:
+        from mmfed.errors import DataError
+
+        size = [int(s) for s in cfg["image_size"]]
+        layout = StatsLayout(classes=[str(c) for c in cfg["classes"]],
+                             numeric=[str(c) for c in cfg.get("numeric", [])],
+                             categorical=[str(c) for c in cfg.get("categorical", [])],
+                             genes=[str(g) for g in cfg.get("genes", [])],
+                             image_size=(size[0], size[1]),
+                             scales=[float(s) for s in cfg.get("scales", [])],
+                             centres=[float(c) for c in cfg.get("centres", [])])
+        if len(layout.scales) != layout.columns or not all(
+                np.isfinite(s) and s > 0 for s in layout.scales):
+            raise DataError("statistics layout: one positive scale per column is needed")
+        if len(layout.centres) != layout.columns or not all(
+                np.isfinite(c) for c in layout.centres):
+            raise DataError("statistics layout: one finite centre per column is needed")
+        return layout
+
+    def with_scales(self, references: list[SiteData]) -> StatsLayout:
+        """Centres and scales from reference data (the server's holdout): the mean, and
+        twice the largest distance from it, so that nearly no site value is clipped. A
+        column no reference has is centred on 0 with the largest gene scale (genes
+        share one assay) or ``DEFAULT_SCALE``."""
+        columns: list[list[np.ndarray]] = [[] for _ in range(self.columns)]
+        for ref in references:
+            for j, values in enumerate(_column_values(ref, self)):
+                if values is not None:
+                    columns[j].append(values[np.isfinite(values)].astype(np.float64))
+        centres, spans = [], []
+        for parts in columns:
+            seen = np.concatenate(parts) if parts else np.zeros(0)
+            centre = float(seen.mean()) if seen.size else 0.0
+            centres.append(centre)
+            spans.append(float(np.abs(seen - centre).max()) if seen.size else 0.0)
+        k = len(self.numeric)
+        gene_spans = [s for s in spans[k:] if s > 0]
+        gene_default = 2.0 * max(gene_spans) if gene_spans else DEFAULT_SCALE
+        scales = [max(2.0 * s, 1e-6) if s > 0 else (DEFAULT_SCALE if j < k else gene_default)
+                  for j, s in enumerate(spans)]
+        return StatsLayout(self.classes, self.numeric, self.categorical, self.genes,
+                           self.image_size, scales, centres)
+
+
+def _column_values(site: SiteData, layout: StatsLayout) -> list[np.ndarray | None]:
+    """The site's values for each layout column (None where it lacks the column);
+    genes only of the patients who have genomics."""
+    col = {c: j for j, c in enumerate(site.numeric_cols)}
+    out: list[np.ndarray | None] = [site.numeric[:, col[c]] if c in col else None
+                                    for c in layout.numeric]
+    if site.genomics is None:
+        return out + [None] * len(layout.genes)
+    present = site.genomics[site.genomics_mask]
+    gcol = {g: j for j, g in enumerate(site.genes)}
+    return out + [present[:, gcol[g]] if g in gcol else None for g in layout.genes]
+
+
+def merge_names(names: list[ColumnNames], default_image_size: tuple[int, int] = (64, 64)
+                ) -> StatsLayout:
+    """The sites' columns merged: the union, sorted for a stable order.
 
     Sites must agree on the task's classes: a model cannot be averaged across label
     spaces. A column that is numeric at one site and categorical at another is treated
-    as categorical everywhere (hashing accepts numbers as text).
+    as categorical everywhere (hashing accepts numbers as text). Scales start at
+    ``DEFAULT_SCALE``; the server sets them with ``with_scales``.
     """
     from mmfed.errors import DataError
 
-    classes = stats[0].classes
-    for st in stats[1:]:
-        if st.classes != classes:
-            raise DataError(f"sites disagree on task.classes: {classes} vs {st.classes}")
-    sizes = {st.image_size for st in stats if st.image_size is not None}
+    classes = names[0].classes
+    for other in names[1:]:
+        if other.classes != classes:
+            raise DataError(f"sites disagree on task.classes: {classes} vs {other.classes}")
+    sizes = {n.image_size for n in names if n.image_size is not None}
     if len(sizes) > 1:
         raise DataError(f"sites disagree on images.size: {sorted(sizes)}")
-    categorical = sorted({c for st in stats for c in st.categorical})
-    numeric, nmean, nstd = _merge([{k: v for k, v in st.numeric.items() if k not in categorical}
-                                   for st in stats])
-    genes, gmean, gstd = _merge([st.genes for st in stats])
-    return FeatureSchema(classes=classes, numeric=numeric, numeric_mean=nmean, numeric_std=nstd,
-                         categorical=categorical, genes=genes, gene_mean=gmean, gene_std=gstd,
-                         image_size=sizes.pop() if sizes else default_image_size)
+    categorical = sorted({c for n in names for c in n.categorical})
+    numeric = sorted({c for n in names for c in n.numeric} - set(categorical))
+    genes = sorted({g for n in names for g in n.genes})
+    return StatsLayout(classes=classes, numeric=numeric, categorical=categorical,
+                       genes=genes, image_size=sizes.pop() if sizes else default_image_size,
+                       scales=[DEFAULT_SCALE] * (len(numeric) + len(genes)))
+
+
+def column_moments(site: SiteData, layout: StatsLayout, count_cap: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(moments, counts): per column, the mean of the centred, scaled, clipped values
+    and of their squares (interleaved, each in [-1, 1]), and how many patients have it.
+
+    ``count_cap`` bounds the count a site contributes (secure aggregation encodes it
+    as a weight of at most 1); a column the site lacks has count 0 and adds nothing.
+    """
+    moments = np.zeros(2 * layout.columns, dtype=np.float64)
+    counts = np.zeros(layout.columns, dtype=np.int64)
+    sources = _column_values(site, layout)
+    for j, (values, scale, centre) in enumerate(zip(sources, layout.scales, layout.centres,
+                                                    strict=True)):
+        if values is None:
+            continue
+        v = values[np.isfinite(values)].astype(np.float64)
+        if count_cap is not None and v.size > count_cap:
+            v = v[:count_cap]
+        if not v.size:
+            continue
+        z = np.clip((v - centre) / scale, -1.0, 1.0)
+        moments[2 * j] = z.mean()
+        moments[2 * j + 1] = (z * z).mean()
+        counts[j] = v.size
+    return moments, counts
+
+
+def pool_moments(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Count-weighted means of several sites' moments, in the clear: what a secure sum
+    computes without showing the parts (for pooled data and plaintext rounds)."""
+    counts = np.sum([c for _, c in parts], axis=0).astype(np.float64)
+    weighted = np.sum([m * np.repeat(c, 2) for m, c in parts], axis=0)
+    moments = np.divide(weighted, np.repeat(counts, 2), out=np.zeros_like(weighted),
+                        where=np.repeat(counts, 2) > 0)
+    return moments, counts
+
+
+def schema_from_moments(layout: StatsLayout, moments: np.ndarray, counts: np.ndarray
+                        ) -> FeatureSchema:
+    """The schema from the federation's pooled moments; a column nobody has is left
+    unscaled (mean 0, std 1), and a constant one keeps std 1."""
+    means, stds = [], []
+    for j, (scale, centre) in enumerate(zip(layout.scales, layout.centres, strict=True)):
+        m1, m2 = float(moments[2 * j]), float(moments[2 * j + 1])
+        if counts[j] <= 0:
+            means.append(0.0)
+            stds.append(1.0)
+            continue
+        var = max(m2 - m1 * m1, 0.0) * scale * scale
+        means.append(centre + m1 * scale)
+        stds.append(float(np.sqrt(var)) if var > 1e-12 else 1.0)
+    k = len(layout.numeric)
+    return FeatureSchema(classes=layout.classes, numeric=layout.numeric,
+                         numeric_mean=means[:k], numeric_std=stds[:k],
+                         categorical=layout.categorical, genes=layout.genes,
+                         gene_mean=means[k:], gene_std=stds[k:],
+                         image_size=layout.image_size)
+
+
+def pooled_schema(sites: list[SiteData]) -> FeatureSchema:
+    """The schema of several sites' data held in one place (the centralized reference,
+    tests): the same moments as a federation, scaled on the data itself."""
+    layout = merge_names([column_names(s) for s in sites]).with_scales(sites)
+    return schema_from_moments(layout, *pool_moments([column_moments(s, layout)
+                                                      for s in sites]))
 
 
 def _bucket(column: str, value: str | None, buckets: int) -> int:

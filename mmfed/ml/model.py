@@ -196,7 +196,9 @@ class GatedAttentionFusion(nn.Module):
     def __init__(self, dim: int, n_modalities: int, hidden: int = 32) -> None:
         super().__init__()
         self.value_gate = nn.Linear(dim, 2 * hidden)  # value and gate in one layer
-        self.score = nn.Linear(hidden, 1)
+        # No bias: one constant added to every modality's score cancels in the softmax,
+        # so it could learn nothing, and under DP-SGD it would only collect noise.
+        self.score = nn.Linear(hidden, 1, bias=False)
         self.modality_bias = ModalityBias(n_modalities)
         self.out_dim = dim
 

@@ -12,6 +12,7 @@ stage handlers import this module's callers in a fresh process per message.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -67,3 +68,21 @@ def quiet_warnings() -> None:
     """Hide library deprecation chatter, which users cannot act on, from a run's output."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*deprecated.*")
+
+
+def quiet_process(debug: bool = False) -> None:
+    """Set up an mmfed process that talks to Flower: the quiet environment (what the
+    user exported wins), mmfed's own lines on stderr as ``mmfed: LEVEL: message``
+    (``mmfed server`` scans a ServerApp's stream for ``mmfed: ERROR``), and Flower's
+    chatter and deprecation warnings kept down unless ``debug``."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    mmfed_log = logging.getLogger("mmfed")
+    if not mmfed_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("mmfed: %(levelname)s: %(message)s"))
+        mmfed_log.addHandler(handler)
+        mmfed_log.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        quiet_warnings()

@@ -75,10 +75,6 @@ def group_weights(num_examples: int, counts: dict[str, int], modality_aware: boo
     return weights
 
 
-def segment_counts(layout: list[tuple[str, int]], weights: dict[str, int]) -> list[int]:
-    return [int(weights[group]) for group, _ in layout]
-
-
 def grouped_average(updates: list[tuple[dict[str, np.ndarray], dict[str, int]]],
                     reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """FedAvg where each parameter is weighted by its group's count at each site.

@@ -200,11 +200,12 @@ def _is_int(value: object) -> bool:
 
 
 def default_threshold(n: int) -> int:
-    """⌊2n/3⌋ + 1 for a share group of ``n`` sites: tolerates a third dropping out while
-    more than two thirds are needed to collude. Pass ``share_group_size(...)`` as ``n``."""
-    if not _is_int(n) or n < 1:
-        raise SecAggError(f"share group size must be a positive integer, got {n!r}")
-    return min(n, 2 * n // 3 + 1)
+    """⌊n/2⌋ + 1 for a share group of ``n`` sites: more than half of the group, the least
+    that keeps a curious server from collecting both kinds of share for one site (see
+    ``SecAggParams.validate``), and so the most drop-out a round tolerates."""
+    if not _is_int(n) or n < 2:
+        raise SecAggError(f"a share group has at least 2 sites, got {n!r}")
+    return n // 2 + 1
 
 
 def effective_degree(n_sites: int, neighbours: int | None) -> int:

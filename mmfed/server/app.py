@@ -1,38 +1,51 @@
-"""The Flower ServerApp: turns a run config into a federated run and its run directory.
+"""The Flower ServerApps: one factory, one run loop, several ways to prepare the run.
 
-``flwr run .`` reaches ``app`` with the config from ``[tool.flwr.app.config]``;
-``mmfed simulate`` builds its own ServerApp with ``make_server_app`` so it can pass an
-already validated config, a prepared run directory and a progress display.
+Every ServerApp is ``server_app(prepare)``: ``prepare`` turns Flower's context into a
+``PreparedRun`` (validated config, run directory, resume point), and then the same
+``run_and_record`` runs every round and writes ``summary.json``. The ways differ only
+in who prepared what:
+
+- ``app`` (``flwr run .``, named in pyproject.toml): prepares like ``mmfed simulate``,
+  from the app's config plus ``--run-config``;
+- ``deployed_app`` (``mmfed.server.deployed:app``, what ``mmfed server`` submits):
+  ``mmfed server`` made the run directory already; only the holdout is checked;
+- ``mmfed simulate`` and the Compose app pass a preparation of their own.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from mmfed.config import RunConfig
+from mmfed.config import FLWR_RUN_OUT, RunConfig
+from mmfed.errors import MmfedError
+from mmfed.ml.process import limit_threads, quiet_process
+from mmfed.run.prepare import PreparedRun, prepare_flwr_run, prepare_submitted
 from mmfed.run.resume import ResumePoint
 from mmfed.run.rundir import RunDir
-from mmfed.server.loop import Federation, RoundCallback
+from mmfed.run.tracking import RoundCallback, TensorBoardLog, chain
+from mmfed.server.loop import Federation
+
+log = logging.getLogger("mmfed")
+Prepare = Callable[[Context], PreparedRun]
 
 
-def run_and_record(grid: Grid, cfg: RunConfig, run: RunDir,
-                   on_round: RoundCallback | None = None,
-                   expected_sites: int | None = None,
-                   resume: ResumePoint | None = None) -> None:
-    """Run every round and write ``summary.json``; shared by both entry points.
+def run_and_record(grid: Grid, prepared: PreparedRun,
+                   on_round: RoundCallback | None = None) -> None:
+    """Run every round and write ``summary.json``; what every ServerApp does.
 
-    With ``resume``, rounds 1..k are taken from the checkpoint and metrics as they are.
+    With a resume point, rounds 1..k are taken from the checkpoint and metrics as they are.
     """
-    from mmfed.run.tracking import TensorBoardLog, chain
-
+    cfg, run, resume = prepared.cfg, prepared.run, prepared.resume
     started = time.perf_counter()
     tensorboard = TensorBoardLog(run.path)
     fed = Federation(grid, cfg, run, on_round=chain(on_round, tensorboard),
-                     expected_sites=expected_sites)
+                     expected_sites=int(cfg["data.sites"]))
     fed.resume_point = resume
     try:
         result = fed.run_rounds()
@@ -46,26 +59,54 @@ def run_and_record(grid: Grid, cfg: RunConfig, run: RunDir,
                        **({"resumed_after_round": resume.round} if resume else {})})
 
 
-def make_server_app(cfg: RunConfig, run: RunDir, on_round: RoundCallback | None = None,
-                    expected_sites: int | None = None,
-                    resume: ResumePoint | None = None) -> ServerApp:
+def standalone_process() -> None:
+    """Set up a ServerApp process that Flower started and nobody else configured.
+
+    mmfed's lines go to stderr as ``mmfed: LEVEL: message`` (``mmfed server`` scans the
+    stream for ``mmfed: ERROR`` to show why a run failed), Flower's own chatter is
+    kept to errors, and torch uses one thread like every other mmfed process.
+    """
+    quiet_process()
+    limit_threads()
+
+
+def server_app(prepare: Prepare, on_round: RoundCallback | None = None, *,
+               standalone: bool = False) -> ServerApp:
+    """The ServerApp that prepares its run with ``prepare`` and then runs it.
+
+    ``standalone``: the app runs in a process of its own (a deployment's ServerApp
+    process), which it sets up itself, and an ``MmfedError`` is logged as one line
+    before it propagates, so that the operator sees the reason rather than a traceback.
+    """
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_and_record(grid, cfg, run, on_round, expected_sites, resume)
+        if standalone:
+            standalone_process()
+        try:
+            run_and_record(grid, prepare(context), on_round)
+        except MmfedError as exc:
+            if standalone:
+                log.error("%s", exc)
+            raise
 
     return server
 
 
-app = ServerApp()
+def prepared(cfg: RunConfig, run: RunDir, resume: ResumePoint | None = None) -> Prepare:
+    """A preparation already done by the caller (``mmfed simulate``)."""
+    ready = PreparedRun(cfg, run, resume)
+    return lambda _context: ready
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: the same pipeline as ``mmfed simulate``."""
-    from mmfed.simulate import prepare_run
+def _flwr_run(context: Context) -> PreparedRun:
+    return prepare_flwr_run(dict(context.run_config), Path(FLWR_RUN_OUT))
 
-    cfg = RunConfig.from_flower(dict(context.run_config))
-    cfg, run = prepare_run(cfg, Path(cfg["out"] or "runs/flwr-run"))
-    run_and_record(grid, cfg, run, expected_sites=cfg["data.sites"])
+
+def _submitted(context: Context) -> PreparedRun:
+    return prepare_submitted(dict(context.run_config))
+
+
+app = server_app(_flwr_run)
+deployed_app = server_app(_submitted, standalone=True)

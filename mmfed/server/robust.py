@@ -5,7 +5,7 @@ a bad one outright (wrong names, shapes or dtypes, NaN or infinity, an update wh
 norm exceeds ``aggregation.max_update_norm``) and can aggregate with a rule that a few
 bad sites cannot drag arbitrarily far: the coordinate-wise median or trimmed mean
 (Yin et al., 2018). Everything here is plain numpy on ``dict[str, np.ndarray]`` states,
-so the server loop, the tests and any future strategy share one definition.
+so the plaintext round, the tests and any future strategy share one definition.
 
 Example weights and the robust rules: the median and the trimmed mean give every site
 one vote and ignore the example counts. A site reports its own count and nothing can
@@ -13,7 +13,8 @@ verify it, so weighting by it would let one site claim a million patients and ou
 every other site, which is exactly what these rules exist to prevent; with one vote
 each, fewer than ``k`` bad sites (``k`` trimmed from each end) can move no coordinate
 outside the range of the honest values. The price is statistical efficiency when
-honest sites differ a lot in size; FedAvg (``fedavg``) stays the example-weighted mean.
+honest sites differ a lot in size; FedAvg (``fedavg``) stays the weighted mean, computed
+by ``mmfed.ml.updates.grouped_average``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 Weighted = tuple[dict[str, np.ndarray], float]
-RULES = ("fedavg", "median", "trimmed_mean")
+ROBUST_RULES = ("median", "trimmed_mean")
 _SHOWN = 3  # parameter names listed in a rejection reason
 
 
@@ -101,23 +102,6 @@ def _check_same(states: Sequence[dict[str, np.ndarray]]) -> None:
             raise ValueError("updates differ in parameter names or shapes; validate first")
 
 
-def fedavg(updates: Sequence[Weighted]) -> dict[str, np.ndarray]:
-    """Example-weighted mean in float64; non-float entries are taken from the first site."""
-    states = [s for s, _ in updates]
-    _check_same(states)
-    weights = np.array([w for _, w in updates], dtype=np.float64)
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
-        raise ValueError("example weights must be finite, non-negative and not all zero")
-    weights /= weights.sum()
-    out: dict[str, np.ndarray] = {}
-    for key, ref in states[0].items():
-        if not _is_float(ref):
-            out[key] = ref.copy()
-            continue
-        out[key] = np.tensordot(weights, _stack(states, key), axes=1).astype(ref.dtype)
-    return out
-
-
 def coordinate_median(states: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per-coordinate median over sites, one vote each (the mean of the middle two when
     the count is even). Non-float entries are taken from the first site."""
@@ -164,16 +148,16 @@ def trimmed_mean(states: Sequence[dict[str, np.ndarray]], trim_fraction: float
 
 def aggregate_robust(rule: str, updates: Sequence[Weighted], trim_fraction: float = 0.1
                      ) -> dict[str, np.ndarray]:
-    """Aggregate validated ``(state, num_examples)`` pairs with ``aggregation.rule``.
+    """Aggregate validated ``(state, weight)`` pairs with a robust ``aggregation.rule``.
 
-    ``fedavg`` uses the weights; ``median`` and ``trimmed_mean`` ignore them (see the
-    module docstring for why).
+    Both rules ignore the weights (see the module docstring for why). ``fedavg`` is not
+    one of them: it is ``mmfed.ml.updates.grouped_average``, which the plaintext round
+    calls itself, weighted per modality group.
     """
-    if rule == "fedavg":
-        return fedavg(updates)
     states = [s for s, _ in updates]
     if rule == "median":
         return coordinate_median(states)
     if rule == "trimmed_mean":
         return trimmed_mean(states, trim_fraction)
-    raise ValueError(f"unknown aggregation rule {rule!r} (known: {', '.join(RULES)})")
+    raise ValueError(f"unknown robust aggregation rule {rule!r} (known: "
+                     f"{', '.join(ROBUST_RULES)})")

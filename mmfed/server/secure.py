@@ -4,49 +4,50 @@ train (+ public keys) → share (relay encrypted Shamir shares) → mask (masked
 vectors) → unmask (shares that remove the masks) → weighted mean. The server only
 ever holds masked vectors and ciphertext; if fewer than the threshold of sites
 survive, the round is aborted and the previous global model is kept.
+
+A site that does not answer a stage, answers with an error, or answers with a
+malformed reply (``wire.WireError``) is treated the same way: it dropped out at that
+stage, which the protocol is built to survive. A site that refuses a stage under its
+own policy (``declined: ...``, e.g. too few survivors to hide its update) is recorded
+as declined with that reason. ``SecureSum`` holds the stages every secure sum shares;
+training rounds (``SecureSession``) and the schema's moments
+(``mmfed.server.schema``) each open one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from mmfed import wire
-from mmfed.config import RunConfig
 from mmfed.errors import MmfedError
 from mmfed.ml.features import FeatureSchema
 from mmfed.ml.updates import apply_delta, segment_layout, vector_length
 from mmfed.secagg import SecAggAborted, SecAggError, SecAggParams, SecAggServer
 from mmfed.secagg.quantize import levels
+from mmfed.server.records import (
+    RoundInfo,
+    SiteEntry,
+    declined_entry,
+    refused_entry,
+    round_info,
+    trained_entry,
+)
+from mmfed.server.rounds import ModelState, RoundContext
+from mmfed.server.secure_settings import secagg_params
+from mmfed.server.transport import exchange
 
 log = logging.getLogger("mmfed")
 
-
 TRAIN_SHARE = 0.55  # of the round timeout; the rest is kept for share, mask and unmask
-
-
-def default_threshold(group: int) -> int:
-    """More than half of each share group: the least that keeps a curious server from
-    collecting both kinds of share for one site, and the most dropout it tolerates."""
-    return max(2, group // 2 + 1)
-
-
-def secagg_params(cfg: RunConfig, round_num: int, n_sites: int, d: int,
-                  segments: tuple[int, ...] = ()) -> SecAggParams:
-    neighbours = int(cfg["secagg.neighbours"]) or None
-    if neighbours is not None and neighbours >= n_sites - 1:
-        neighbours = None
-    group = n_sites if neighbours is None else min(n_sites, neighbours + 1 + neighbours % 2)
-    threshold = int(cfg["secagg.threshold"]) or default_threshold(group)
-    return SecAggParams(run_id=cfg["run_id"] or "unnamed-run", round=round_num,
-                        site_ids=list(range(n_sites)), threshold=threshold,
-                        neighbours=neighbours, clip_range=float(cfg["secagg.clip_range"]),
-                        max_sites=max(n_sites, 2), count_cap=int(cfg["secagg.count_cap"]),
-                        vector_length=d, segments=segments)
+Shares = dict[int, dict[int, bytes]]  # site id -> (site id -> ciphertext or share)
+T = TypeVar("T")
 
 
 @dataclass
@@ -59,152 +60,245 @@ class StageLog:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def secure_train_round(fed: Any, round_num: int, schema: FeatureSchema,
-                       state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
-                                                              dict[str, Any]]:
-    """Run one securely aggregated round for ``fed`` (a ``Federation``)."""
-    from mmfed.server.loop import declined_entry, exchange, round_info, trained_entry
+class SecureSum:
+    """The stages every secure sum shares, one method each: the first stage (opened by
+    a subclass: training, or the schema's moments) returns public keys, then share →
+    mask → unmask give the weighted mean of what the survivors contributed.
 
-    cfg: RunConfig = fed.cfg
-    nodes = fed.sample(round_num)
-    if len(nodes) < 2:
-        raise MmfedError("secure aggregation needs at least 2 sites in a round")
-    d = vector_length(state)
-    # Modality-aware: one weight per module, so each encoder is averaged over the
-    # patients who had its modality; the counts travel only inside the masked sum.
-    layout = segment_layout(state) if cfg["aggregation.modality_aware"] else []
-    params = secagg_params(cfg, round_num, len(nodes), d, tuple(n for _, n in layout))
-    params.validate()
-    sid_of = {node: i for i, node in enumerate(nodes)}
-    node_of = dict(enumerate(nodes))
-    name_of = {i: fed.sites[node].name for i, node in node_of.items()}
-    log_ = StageLog()
-    sites: dict[str, dict[str, Any]] = {}
+    Sites are addressed by their protocol id (``sid``, 0..n-1 in node order) inside
+    the protocol and by Flower node id on the wire.
+    """
 
-    def stage_of(sid: int) -> wire.Stage:
-        return wire.Stage(round_num, name_of[sid], tuple(cfg["faults.drop"]))
+    def __init__(self, ctx: RoundContext, round_num: int, nodes: list[int],
+                 params: SecAggParams) -> None:
+        self.ctx, self.round_num, self.params = ctx, round_num, params
+        self.node_of = dict(enumerate(nodes))
+        self.sid_of = {node: sid for sid, node in self.node_of.items()}
+        self.name_of = {sid: ctx.name(node) for sid, node in self.node_of.items()}
+        self.d = params.vector_length
+        self.params.validate()
+        self.server = SecAggServer(self.params)
+        self.stages = StageLog()
+        self.sites: dict[str, SiteEntry] = {}
 
-    def fail(sid: int, stage: str, reason: str) -> None:
-        if name_of[sid] not in sites or sites[name_of[sid]]["status"] == "trained":
-            log.warning("round %d: %s dropped at %s: %s", round_num, name_of[sid], stage,
-                        reason)
-            entry = sites.get(name_of[sid], {})
-            entry.update({"status": "dropped", "reason": f"{stage}: {reason}"})
-            sites[name_of[sid]] = entry
+    def open(self, contents: Mapping[int, RecordDict], message_type: str, stage: str,
+             timeout: float, accept: Callable[[int, RecordDict], SiteEntry | None]
+             ) -> dict[int, dict[str, bytes]]:
+        """The first stage: each site does its part and advertises its public keys.
 
-    # Stage 1: train; replies carry metrics and public keys, never the update.
-    start = time.perf_counter()
-    base = wire.request(cfg, round_num, schema, state)
-    groups = tuple(g for g, _ in layout)
-    contents = {}
-    for node in nodes:
-        contents[node] = wire.with_secagg(base, wire.SecAggRequest(params, sid_of[node], groups))
-        log_.bytes_down += wire.record_bytes(contents[node])
-    ok, failed = exchange(fed.grid, contents, wire.TRAIN, round_num,
-                          fed.remaining(TRAIN_SHARE))
-    advertised: dict[int, dict[str, bytes]] = {}
-    for node, reason in failed.items():
-        fail(sid_of[node], "train", reason)
-    for node, reply in ok.items():
-        sid = sid_of[node]
-        metrics = wire.metrics_of(reply.content)
-        log_.bytes_up += wire.record_bytes(reply.content)
-        if metrics.get("declined"):
-            sites[name_of[sid]] = declined_entry(round_num, name_of[sid], metrics)
-            continue
-        try:
-            advertised[sid] = wire.public_keys_of(reply.content)
-        except wire.WireError as exc:
-            fail(sid, "train", str(exc))
-            continue
-        sites[name_of[sid]] = trained_entry(metrics)
-    log_.timed("train", start)
-
-    def summary(participants: int, aborted: str | None) -> dict[str, Any]:
-        extra: dict[str, Any] = {"aborted": aborted} if aborted else {}
-        return round_info(sites, participants, log_.bytes_up, log_.bytes_down,
-                          log_.seconds.get("train", 0.0), stage_seconds=log_.seconds,
-                          secure=True, threshold=params.threshold,
-                          neighbours=params.neighbours or 0, **extra)
-
-    server = SecAggServer(params)
-    try:
-        # Stage 2: keys out, encrypted shares back.
+        ``accept`` reads a reply's own figures into the site's entry (None: the site
+        declined under its budget and is out of this sum).
+        """
         start = time.perf_counter()
-        server.collect_keys(advertised)
-        contents = {}
-        for sid in advertised:
-            payload = wire.peer_keys(server.keys_for(sid))
-            contents[node_of[sid]] = wire.stage_content(stage_of(sid), payload)
-            log_.bytes_down += wire.record_bytes(contents[node_of[sid]])
-        ok, failed = exchange(fed.grid, contents, wire.SECAGG_SHARE, round_num,
-                              fed.remaining())
-        for node, reason in failed.items():
-            fail(sid_of[node], "share", reason)
-        shares: dict[int, dict[int, bytes]] = {}
-        for node, reply in ok.items():
-            shares[sid_of[node]] = wire.shares_of(reply.content.config_records[wire.SECAGG])
-            log_.bytes_up += wire.record_bytes(reply.content)
-        routed = server.route(shares)
-        log_.timed("share", start)
-
-        # Stage 3: masked update vectors.
-        start = time.perf_counter()
-        contents = {}
-        for sid in shares:
-            payload = wire.routed(routed.get(sid, {}))
-            contents[node_of[sid]] = wire.stage_content(stage_of(sid), payload)
-            log_.bytes_down += wire.record_bytes(contents[node_of[sid]])
-        ok, failed = exchange(fed.grid, contents, wire.SECAGG_MASK, round_num,
-                              fed.remaining())
-        for node, reason in failed.items():
-            fail(sid_of[node], "mask", reason)
-        masked: dict[int, np.ndarray] = {}
-        for node, reply in ok.items():
-            vec = wire.masked_of(reply.content)
-            if vec.dtype != np.uint32 or vec.shape != (d + params.n_weights,):
-                fail(sid_of[node], "mask", f"masked vector of {vec.dtype} {vec.shape}")
+        ok = self.send(contents, message_type, stage, timeout)
+        advertised: dict[int, dict[str, bytes]] = {}
+        for sid, reply in ok.items():
+            self.stages.bytes_up += wire.record_bytes(reply.content)
+            try:
+                entry = accept(sid, reply.content)
+                if entry is not None:
+                    advertised[sid] = wire.public_keys_of(reply.content)
+            except wire.WireError as exc:
+                self.fail(sid, stage, str(exc))
                 continue
-            masked[sid_of[node]] = vec
-            log_.bytes_up += vec.nbytes
-        survivors, dropped = server.unmask_request(list(masked))
-        log_.timed("mask", start)
+            if entry is not None:
+                self.sites[self.name_of[sid]] = entry
+        self.stages.timed(stage, start)
+        return advertised
 
-        # Stage 4: reveal the shares that remove the masks.
+    def masked_sum(self, advertised: dict[int, dict[str, bytes]]
+                   ) -> tuple[np.ndarray, list[int], list[int]]:
+        """share → mask → unmask: (weighted mean, the sites in it, the sites that shared
+        keys but sent no masked vector). Raises SecAggError (SecAggAborted included)."""
+        masked = self.mask(self.share(advertised))
+        mean, used, dropped = self.unmask(masked)
+        for sid in dropped:
+            self.fail(sid, "mask", "did not send its masked update")
+        return mean, used, dropped
+
+    # ------------------------------------------------------------------ stages
+    def share(self, advertised: dict[int, dict[str, bytes]]) -> Shares:
+        """Stage 2: keys out, encrypted shares back, regrouped by recipient."""
         start = time.perf_counter()
+        self.server.collect_keys(advertised)
+        contents = {sid: self.stage(sid, wire.peer_keys(self.server.keys_for(sid)))
+                    for sid in advertised}
+        ok = self.send(contents, wire.SECAGG_SHARE, "share", self.ctx.remaining())
+        shares = self.read(ok, "share", lambda c: wire.shares_of(wire.secagg_of(c)))
+        self.received(ok, shares)
+        routed = self.server.route(shares)
+        self.stages.timed("share", start)
+        return routed
+
+    def mask(self, routed: Shares) -> dict[int, np.ndarray]:
+        """Stage 3: each site's masked update vector."""
+        start = time.perf_counter()
+        contents = {sid: self.stage(sid, wire.routed(mine)) for sid, mine in routed.items()}
+        ok = self.send(contents, wire.SECAGG_MASK, "mask", self.ctx.remaining())
+        masked = self.read(ok, "mask", self.masked_vector)
+        self.stages.bytes_up += sum(vec.nbytes for vec in masked.values())
+        self.stages.timed("mask", start)
+        return masked
+
+    def unmask(self, masked: dict[int, np.ndarray]
+               ) -> tuple[np.ndarray, list[int], list[int]]:
+        """Stage 4: reveal the shares that remove the masks, then remove them.
+
+        Returns (weighted mean update, the sites in it, the sites that shared keys but
+        sent no masked vector). A survivor that fails here is only logged: its vector
+        is in the sum, and the others' shares can still remove its masks.
+        """
+        start = time.perf_counter()
+        survivors, dropped = self.server.unmask_request(list(masked))
         payload = wire.unmask_request(survivors, dropped)
-        contents = {node_of[sid]: wire.stage_content(stage_of(sid), payload)
-                    for sid in survivors}
-        log_.bytes_down += sum(wire.record_bytes(c) for c in contents.values())
-        ok, failed = exchange(fed.grid, contents, wire.SECAGG_UNMASK, round_num,
-                              fed.remaining())
+        ok = self.send({sid: self.stage(sid, payload) for sid in survivors},
+                       wire.SECAGG_UNMASK, "unmask", self.ctx.remaining())
+        reveals = self.read(ok, "unmask", lambda c: wire.reveals_of(wire.secagg_of(c)))
+        self.received(ok, reveals)
+        mean, _total, used = self.server.aggregate(masked, reveals)
+        self.stages.timed("unmask", start)
+        return mean, used, dropped
+
+    # ------------------------------------------------------------------ helpers
+    def stage(self, sid: int, payload: ConfigRecord) -> RecordDict:
+        header = wire.Stage(self.round_num, self.name_of[sid],
+                            tuple(self.ctx.cfg["faults.drop"]))
+        return wire.stage_content(header, payload)
+
+    def send(self, contents: Mapping[int, RecordDict], message_type: str, stage: str,
+             timeout: float) -> dict[int, Message]:
+        """One exchange with the given sites; a site that fails it dropped at ``stage``."""
+        self.stages.bytes_down += sum(wire.record_bytes(c) for c in contents.values())
+        ok, failed = exchange(self.ctx.grid,
+                              {self.node_of[sid]: c for sid, c in contents.items()},
+                              message_type, self.round_num, timeout)
         for node, reason in failed.items():
-            log.warning("round %d: %s failed to unmask: %s", round_num,
-                        name_of[sid_of[node]], reason)
-        reveals: dict[int, dict[int, bytes]] = {}
-        for node, reply in ok.items():
-            reveals[sid_of[node]] = wire.reveals_of(reply.content.config_records[wire.SECAGG])
-            log_.bytes_up += wire.record_bytes(reply.content)
-        mean, _total, used = server.aggregate(masked, reveals)
-        log_.timed("unmask", start)
-    except SecAggAborted as exc:
-        log.warning("round %d: secure aggregation aborted (%s); keeping the previous global "
-                    "model", round_num, exc)
-        return state, summary(0, str(exc))
-    except SecAggError as exc:
-        log.warning("round %d: secure aggregation failed (%s); keeping the previous global "
-                    "model", round_num, exc)
-        return state, summary(0, str(exc))
-    for sid in dropped:
-        fail(sid, "mask", "did not send its masked update")
-    delta = mean.astype(np.float64)  # a segment nobody trained decodes to 0: kept as is
-    problem = aggregate_problem(delta, params, server.segment_weights, len(used),
-                                float(cfg["aggregation.max_update_norm"]))
-    if problem:
-        log.warning("round %d: aggregate rejected (%s); keeping the previous model",
-                    round_num, problem)
-        return state, summary(0, f"aggregate failed the server's check: {problem}")
-    return apply_delta(state, delta), summary(len(used), None)
+            self.lost(self.sid_of[node], stage, reason)
+        return {self.sid_of[node]: reply for node, reply in ok.items()}
+
+    def read(self, ok: dict[int, Message], stage: str, decode: Callable[[RecordDict], T]
+             ) -> dict[int, T]:
+        """Each reply decoded; a malformed one is that site's failure at ``stage``."""
+        out: dict[int, T] = {}
+        for sid, reply in ok.items():
+            refusal = wire.declined_of(reply.content)
+            if refusal is not None:
+                self.refused(sid, stage, refusal)
+                continue
+            try:
+                out[sid] = decode(reply.content)
+            except wire.WireError as exc:
+                self.lost(sid, stage, str(exc))
+        return out
+
+    def received(self, ok: dict[int, Message], used: Mapping[int, object]) -> None:
+        """Count the bytes of the replies that were used."""
+        self.stages.bytes_up += sum(wire.record_bytes(ok[sid].content) for sid in used)
+
+    def masked_vector(self, content: RecordDict) -> np.ndarray:
+        vec = wire.masked_of(content)
+        if vec.dtype != np.uint32 or vec.shape != (self.d + self.params.n_weights,):
+            raise wire.WireError(f"masked vector of {vec.dtype} {vec.shape}")
+        return vec
+
+    def lost(self, sid: int, stage: str, reason: str) -> None:
+        """A site that failed a stage; after masking it no longer counts as dropped."""
+        if stage == "unmask":
+            log.warning("round %d: %s failed to unmask: %s", self.round_num,
+                        self.name_of[sid], reason)
+        else:
+            self.fail(sid, stage, reason)
+
+    def refused(self, sid: int, stage: str, reason: str) -> None:
+        """A site that declined a stage under its own policy (its terms were not met)."""
+        name = self.name_of[sid]
+        entry = self.sites.get(name, {})
+        entry.update(refused_entry(self.round_num, name, f"{reason} (at {stage})"))
+        self.sites[name] = entry
+
+    def fail(self, sid: int, stage: str, reason: str) -> None:
+        name = self.name_of[sid]
+        if name not in self.sites or self.sites[name]["status"] == "trained":
+            log.warning("round %d: %s dropped at %s: %s", self.round_num, name, stage, reason)
+            entry = self.sites.get(name, {})
+            entry.update({"status": "dropped", "reason": f"{stage}: {reason}"})
+            self.sites[name] = entry
+
+class SecureRound:
+    """Runs each round as a fresh ``SecureSession``: every round has its own keys."""
+
+    def run(self, ctx: RoundContext, round_num: int, schema: FeatureSchema,
+            state: ModelState) -> tuple[ModelState, RoundInfo]:
+        nodes = ctx.sample(round_num)
+        if len(nodes) < 2:
+            raise MmfedError("secure aggregation needs at least 2 sites in a round")
+        return SecureSession(ctx, round_num, nodes, state).run(schema)
+
+
+class SecureSession(SecureSum):
+    """One securely aggregated training round: every round has its own keys."""
+
+    def __init__(self, ctx: RoundContext, round_num: int, nodes: list[int],
+                 state: ModelState) -> None:
+        self.state = state
+        # Modality-aware: one weight per module, so each encoder is averaged over the
+        # patients who had its modality; the counts travel only inside the masked sum.
+        self.layout = segment_layout(state) if ctx.cfg["aggregation.modality_aware"] else []
+        super().__init__(ctx, round_num, nodes, secagg_params(
+            ctx.cfg, round_num, len(nodes), vector_length(state),
+            tuple(n for _, n in self.layout)))
+
+    def run(self, schema: FeatureSchema) -> tuple[ModelState, RoundInfo]:
+        advertised = self.train(schema)
+        try:
+            mean, used, _ = self.masked_sum(advertised)
+        except SecAggError as exc:  # SecAggAborted included: too few survivors
+            kind = "aborted" if isinstance(exc, SecAggAborted) else "failed"
+            log.warning("round %d: secure aggregation %s (%s); keeping the previous global "
+                        "model", self.round_num, kind, exc)
+            return self.state, self.summary(0, str(exc))
+        return self.finish(mean, used)
+
+    def train(self, schema: FeatureSchema) -> dict[int, dict[str, bytes]]:
+        """Stage 1: train; replies carry metrics and public keys, never the update."""
+        base = wire.request(self.ctx.cfg, self.round_num, schema, self.state)
+        groups = tuple(g for g, _ in self.layout)
+        contents = {sid: wire.with_secagg(base, wire.SecAggRequest(self.params, sid, groups))
+                    for sid in self.node_of}
+        return self.open(contents, wire.TRAIN, "train", self.ctx.remaining(TRAIN_SHARE),
+                         self.accept)
+
+    def accept(self, sid: int, content: RecordDict) -> SiteEntry | None:
+        """A train reply's figures; None when the site declined under its budget."""
+        refusal = wire.declined_of(content)
+        if refusal is not None:
+            self.refused(sid, "train", refusal)
+            return None
+        metrics = wire.metrics_of(content)
+        if metrics.get("declined"):
+            self.sites[self.name_of[sid]] = declined_entry(self.round_num, self.name_of[sid],
+                                                           metrics)
+            return None
+        return trained_entry(metrics)
+
+    def finish(self, mean: np.ndarray, used: list[int]) -> tuple[ModelState, RoundInfo]:
+        """The server's check of the aggregate, then the new global model."""
+        delta = mean.astype(np.float64)  # a segment nobody trained decodes to 0: kept as is
+        problem = aggregate_problem(delta, self.params, self.server.segment_weights,
+                                    len(used), float(self.ctx.cfg["aggregation.max_update_norm"]))
+        if problem:
+            log.warning("round %d: aggregate rejected (%s); keeping the previous model",
+                        self.round_num, problem)
+            return self.state, self.summary(0, f"aggregate failed the server's check: "
+                                               f"{problem}")
+        return apply_delta(self.state, delta), self.summary(len(used), None)
+
+    def summary(self, participants: int, aborted: str | None) -> RoundInfo:
+        return round_info(self.sites, participants, self.stages.bytes_up, self.stages.bytes_down,
+                          self.stages.seconds.get("train", 0.0),
+                          stage_seconds=self.stages.seconds, secure=True,
+                          threshold=self.params.threshold,
+                          neighbours=self.params.neighbours or 0, aborted=aborted)
 
 
 def aggregate_problem(delta: np.ndarray, params: SecAggParams, weights: list[float],

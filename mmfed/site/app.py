@@ -2,7 +2,10 @@
 
 Failures the site can explain (bad data, wrong config) go back as an error reply
 with a one-line reason instead of a crash, so the server can log which site failed
-and why while the round carries on with the others.
+and why while the round carries on with the others. A refusal under the site's own
+policy (``Declined``) is not a failure: it goes back as a normal ``declined`` reply.
+Every request is checked against the site's policy (``mmfed.site.consent``) before
+any data is touched for it.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from mmfed import wire
-from mmfed.errors import MmfedError
+from mmfed.errors import Declined, MmfedError
+from mmfed.ml.features import column_moments
 from mmfed.ml.process import limit_threads
 from mmfed.ml.updates import flat_delta, group_weights
-from mmfed.site import faults
+from mmfed.site import consent, faults
 from mmfed.site import runtime as site_runtime
 from mmfed.site import secagg as site_secagg
 
@@ -28,6 +32,8 @@ def _guard(handler: Callable[[Message, Context], Message]) -> Callable[[Message,
     def run(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
+        except Declined as exc:
+            return Message(wire.declined(str(exc)), reply_to=msg)
         except MmfedError as exc:
             return Message(Error(wire.ERR_SITE, str(exc)), reply_to=msg)
     return run
@@ -36,10 +42,37 @@ def _guard(handler: Callable[[Message, Context], Message]) -> Callable[[Message,
 @app.query(wire.ACTION_STATS)
 @_guard
 def stats(msg: Message, context: Context) -> Message:
+    """The site's column names, in the clear: never a statistic."""
     cfg, _, _, _ = wire.read_request(msg.content)
     folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
-    name, stats_cfg = site_runtime.stats_for(folder)
-    return Message(wire.reply_content(name, config=stats_cfg), reply_to=msg)
+    name, names = site_runtime.stats_for(folder)
+    return Message(wire.reply_content(name, config=names), reply_to=msg)
+
+
+@app.query(wire.ACTION_MOMENTS)
+@_guard
+def moments(msg: Message, context: Context) -> Message:
+    """Per-column moments for the schema: masked under secure aggregation (the server
+    learns only the federation's totals), in the clear only where the policy allows."""
+    cfg, _, _, _ = wire.read_request(msg.content)
+    node_config = dict(context.node_config)
+    site = site_runtime.open_site(site_runtime.resolve_site_dir(node_config, cfg))
+    layout = wire.layout_of(msg.content)
+    policy = site_runtime.site_policy(node_config, cfg, site.name)
+    secagg = wire.secagg_request_of(msg.content)
+    if secagg is None:
+        consent.check_plaintext(policy, wire.cohort_of(msg.content))
+        found, counts = column_moments(site.data, layout, int(cfg["secagg.count_cap"]))
+        return Message(wire.moments_reply(site.name, found, counts), reply_to=msg)
+    consent.check_secure(policy, secagg.params, secagg.my_id)
+    if secagg.params.segments != (2,) * layout.columns:
+        raise MmfedError("moments request: the secure sum is not laid out per column")
+    found, counts = column_moments(site.data, layout, secagg.params.count_cap)
+    pks = site_secagg.begin(context.state, secagg, found, int(counts.max(initial=0)),
+                            counts=[int(c) for c in counts], min_cohort=policy.min_cohort)
+    reply = wire.reply_content(site.name)
+    reply[wire.SECAGG] = pks
+    return Message(reply, reply_to=msg)
 
 
 @app.train()
@@ -53,9 +86,15 @@ def train(msg: Message, context: Context) -> Message:
     name = site.name
     site_secagg.check_fault(list(cfg["faults.drop"]), name, round_num, "train")
     secagg = wire.secagg_request_of(msg.content)  # malformed: refused before training
+    node_config = dict(context.node_config)
+    policy = site_runtime.site_policy(node_config, cfg, name)
+    if secagg is None:
+        consent.check_plaintext(policy, wire.cohort_of(msg.content))
+    else:
+        consent.check_secure(policy, secagg.params, secagg.my_id)
     limit_threads()  # once per process, on the first message that trains
-    outcome = site_runtime.train_round(site, cfg, schema, state, round_num,
-                                       dict(context.node_config))
+    outcome = site_runtime.train_round(site, cfg, schema, state, round_num, node_config,
+                                       policy=policy)
     kind = faults.corruption(list(cfg["faults.corrupt"]), name, round_num)
     if kind and outcome.state is not None and secagg is None:  # drill: send a bad update
         outcome.state = faults.corrupt_state(outcome.state, state, kind)
@@ -71,7 +110,8 @@ def train(msg: Message, context: Context) -> Message:
     update = site_secagg.guard(secagg, update, float(cfg["aggregation.max_update_norm"]))
     num_examples = int(outcome.metrics["num_examples"])
     pks = site_secagg.begin(context.state, secagg, update, num_examples,
-                            group_weights(num_examples, outcome.counts, True))
+                            group_weights(num_examples, outcome.counts, True),
+                            min_cohort=policy.min_cohort)
     reply = wire.reply_content(name, metrics=outcome.metrics)
     reply[wire.SECAGG] = pks
     return Message(reply, reply_to=msg)

@@ -46,12 +46,12 @@ def check_secure(policy: PrivacyPolicy, params: SecAggParams, my_id: int) -> Non
                        f"policy needs at least {policy.min_cohort - 1}")
 
 
-def check_unmask(policy: PrivacyPolicy, survivors: list[int], my_id: int) -> None:
+def check_unmask(min_cohort: int, survivors: list[int], my_id: int) -> None:
     """Revealing shares for too small a set of survivors would unmask a "sum" that is
     in effect a few sites' updates, or this site's alone."""
     if my_id not in survivors:
         raise Declined("declined: the server lists this site among the dropped although it "
                        "sent its masked update")
-    if len(set(survivors)) < policy.min_cohort:
+    if len(set(survivors)) < min_cohort:
         raise Declined(f"declined: only {len(set(survivors))} site(s) survived; this "
-                       f"site's policy needs at least {policy.min_cohort} in the sum")
+                       f"site's policy needs at least {min_cohort} in the sum")

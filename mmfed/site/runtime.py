@@ -10,6 +10,7 @@ handler already opened, so that the site is fingerprinted once per message.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +19,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmfed.config import RunConfig
-from mmfed.errors import DataError
+from mmfed.errors import DataError, Declined
 from mmfed.ml.device import resolve_device
-from mmfed.ml.features import EncodedSite, FeatureSchema, local_stats
+from mmfed.ml.features import EncodedSite, FeatureSchema, column_names
 from mmfed.ml.specs import TrainSpec
-from mmfed.privacy.policy import PrivacyPolicy, load_policy, policy_from_mapping
+from mmfed.privacy.policy import (
+    TWO_SITE_WARNING,
+    PrivacyPolicy,
+    load_policy,
+    policy_from_mapping,
+)
 from mmfed.site.state import LoadedSite, site_state
 
 if TYPE_CHECKING:  # Opacus (budget): only training needs it
     from mmfed.privacy.budget import SiteBudget
+    from mmfed.privacy.dp_sgd import NoiseSource
+
+log = logging.getLogger("mmfed")
+_WARNED: set[str] = set()  # sites already warned about a small min_cohort, per process
 
 
 def resolve_site_dir(node_config: dict[str, Any], cfg: RunConfig) -> Path:
@@ -86,17 +96,45 @@ def site_policy(node_config: dict[str, Any], cfg: RunConfig, site: str) -> Priva
     path = node_config.get("policy")
     own = (load_policy(str(path)) if path else
            policy_from_mapping(cfg.site_privacy(site), f"run config for {site}"))
-    return own.tightened(policy_from_mapping(cfg.privacy_request(), "server request"))
+    policy = own.tightened(policy_from_mapping(cfg.privacy_request(), "server request"))
+    if policy.min_cohort <= 2 and site not in _WARNED:
+        _WARNED.add(site)
+        log.warning("%s: %s", site, TWO_SITE_WARNING if policy.min_cohort == 2 else
+                    "min_cohort = 1: the server may see this site's update alone")
+    return policy
+
+
+def noise_source(node_config: dict[str, Any], cfg: RunConfig, round_num: int, site: str,
+                 device: Any) -> NoiseSource | None:
+    """Where this round's DP noise comes from: fresh OS entropy (None), or, for a
+    simulation being debugged with ``privacy.debug_seeded_noise``, the run seed.
+
+    Seeded noise is noise the coordinator can replay, so a site that is not simulated
+    (its node config names its folder, as ``mmfed client`` does) refuses it.
+    """
+    if not cfg["privacy.debug_seeded_noise"]:
+        return None
+    if "partition-id" not in node_config:
+        raise Declined("declined: privacy.debug_seeded_noise asks for noise the server "
+                       "could replay; a deployed site never trains with it")
+    from mmfed.privacy.dp_sgd import NoiseSource
+
+    log.warning("%s: round %d: DP noise seeded from the run seed "
+                "(privacy.debug_seeded_noise): for debugging only, it protects nothing",
+                site, round_num)
+    return NoiseSource.seeded(device, site_seed(cfg["seed"], round_num, site))
 
 
 def stats_for(site: Path | LoadedSite) -> tuple[str, dict[str, Any]]:
+    """The site's name and column names: what it states in the clear for the schema."""
     loaded = _opened(site)
-    return loaded.name, local_stats(loaded.data).to_config()
+    return loaded.name, column_names(loaded.data).to_config()
 
 
 def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
                 global_state: dict[str, np.ndarray], round_num: int,
-                node_config: dict[str, Any] | None = None) -> TrainOutcome:
+                node_config: dict[str, Any] | None = None,
+                policy: PrivacyPolicy | None = None) -> TrainOutcome:
     import torch
 
     from mmfed.ml.model import build_model
@@ -107,11 +145,13 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
     loaded = _opened(site)
     train, _ = site_state().splits(loaded, schema, cfg["data.val_fraction"], cfg["seed"])
     spec = cfg.train_spec()
-    policy = site_policy(node_config, cfg, loaded.name)
+    policy = policy or site_policy(node_config, cfg, loaded.name)
     model = build_model(schema, cfg.model_spec())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
     seed = site_seed(cfg["seed"], round_num, loaded.name)
     device = resolve_device(spec.device)
+    source = noise_source(node_config, cfg, round_num, loaded.name, device) \
+        if policy.enabled else None
     if not policy.enabled:
         metrics = train_local(model, train, spec, len(schema.classes), seed=seed,
                               device=device)
@@ -141,7 +181,7 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
                                        "seconds": time.perf_counter() - start})
         result = train_private(model, train, spec, len(schema.classes), plan.sigma,
                                policy.max_grad_norm, seed, device=device,
-                               mode=cfg["privacy.grad_sample_mode"])
+                               mode=cfg["privacy.grad_sample_mode"], source=source)
         metrics = {**figures, "train_loss": result.train_loss, "steps": float(result.steps),
                    "num_examples": float(len(train))}
         state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

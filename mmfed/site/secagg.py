@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from mmfed import wire
 from mmfed.errors import MmfedError
 from mmfed.secagg import SecAggClient, client_from_state, client_to_state
+from mmfed.site import consent
 
 STATE = "mmfed.secagg"
 UPDATE = "mmfed.secagg.update"
@@ -92,17 +93,26 @@ def _load(state: RecordDict, params_round: int | None = None) -> tuple[SecAggCli
 
 
 def begin(state: RecordDict, request: wire.SecAggRequest, update: np.ndarray,
-          num_examples: int, group_weights: dict[str, int] | None = None) -> ConfigRecord:
+          num_examples: int, group_weights: dict[str, int] | None = None,
+          counts: list[int] | None = None, *, min_cohort: int) -> ConfigRecord:
     """After training: create this round's client, keep secrets, advertise public keys.
 
-    ``group_weights`` (patients per modality, examples for the rest) stay in the
-    site's state and only ever leave inside the masked vector.
+    ``group_weights`` (patients per modality, examples for the rest), or ``counts``
+    given per segment (the patients behind each column's moments), stay in the site's
+    state and only ever leave inside the masked vector. ``min_cohort`` is the site's
+    own term for the unmask stage, kept with its secrets so a later message cannot
+    change it.
     """
-    counts = segment_weights(request, num_examples, group_weights)
+    if counts is None:
+        counts = segment_weights(request, num_examples, group_weights)
+    elif len(counts) != request.params.n_weights:
+        raise MmfedError(f"secure aggregation laid out {request.params.n_weights} "
+                         f"segment(s); this site has {len(counts)} counts")
     client = SecAggClient(request.params, request.my_id)
     pks = client.advertise()
     state[UPDATE] = ArrayRecord({"u": Array(np.ascontiguousarray(update, dtype=np.float32))})
-    _save(state, client, {"num_examples": int(num_examples), "counts": counts})
+    _save(state, client, {"num_examples": int(num_examples), "counts": list(counts),
+                          "min_cohort": int(min_cohort)})
     return wire.public_keys(pks)
 
 
@@ -125,8 +135,13 @@ def mask(state: RecordDict, request: ConfigRecord, round_num: int) -> ArrayRecor
 
 
 def unmask(state: RecordDict, request: ConfigRecord, round_num: int) -> ConfigRecord:
-    client, _ = _load(state, round_num)
+    """Reveal the shares that unmask the survivors' sum, if the sum hides this site."""
+    client, record = _load(state, round_num)
     survivors, dropped = wire.unmask_request_of(request)
+    min_cohort = record.get("min_cohort")
+    if not isinstance(min_cohort, int) or isinstance(min_cohort, bool):
+        raise MmfedError("corrupt secure aggregation state (no cohort term)")
+    consent.check_unmask(min_cohort, survivors, client.my_id)
     out = client.unmask(survivors, dropped)
     del state[STATE]
     return wire.reveals(out)
