@@ -225,7 +225,8 @@ def server_argv(kit: Path, tmp_path: Path, **change: str | None) -> list[str]:
     args: dict[str, str | None] = {
         "--data": str(kit / "fed"), "--certs": str(kit / "certs"),
         "--admit": str(kit / "keys"), "--host": "127.0.0.1", "--port": str(free_port()),
-        "--out": str(tmp_path / "run")}
+        "--out": str(tmp_path / "run"),
+        "--set": "privacy.min_cohort=2"}  # two sites: each accepts a sum of two
     args.update(change)
     argv = ["server"]
     for flag, value in args.items():
@@ -260,6 +261,8 @@ def test_server_refuses_bad_inputs_before_starting(kit: Path, tmp_path: Path,
         (server_argv(kit, tmp_path, **{"--host": "10.9.9.9"}), 2, "not in"),
         (server_argv(kit, tmp_path, **{"--insecure": ""}), 2, "--admit needs TLS"),
         (server_argv(kit, tmp_path, **{"--sites": "5"}), 2, "only 2 site key(s)"),
+        (server_argv(kit, tmp_path, **{"--set": None}), 2,
+         "the server's request needs at least 3 sites in every secure sum"),
     ]
     try:
         for argv, exit_code, needle in cases:

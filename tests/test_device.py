@@ -83,11 +83,11 @@ def test_ray_backend_config(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_training_runs_on_the_resolved_device(tmp_path: Path) -> None:
     """The plain and DP training paths take the device they are given (the CPU here;
     the same call runs on CUDA on a GPU machine: see benchmarks/README.md)."""
+    from mmfed.config import ModelSpec, TrainSpec
     from mmfed.data.reader import load_site
     from mmfed.data.synth import SynthSettings, synthesize
     from mmfed.ml.features import encode, pooled_schema
     from mmfed.ml.model import build_model
-    from mmfed.ml.specs import ModelSpec, TrainSpec
     from mmfed.ml.training import evaluate, train_local
     from mmfed.privacy.dp_sgd import train_private
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import nn
 
+from mmfed.config import TrainSpec
 from mmfed.data import load_site
 from mmfed.data.synth import SynthSettings, synthesize
 from mmfed.ml.features import EncodedSite, FeatureSchema, encode, pooled_schema
 from mmfed.ml.model import FUSIONS, ModelSpec, OrderStatisticPool, build_model
-from mmfed.ml.specs import TrainSpec
 from mmfed.ml.training import tensor_dataset
 from mmfed.privacy import dp_sgd
 

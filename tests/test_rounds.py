@@ -30,11 +30,10 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from mmfed import wire
-from mmfed.config import RunConfig
+from mmfed.config import MODALITY_NAMES, RunConfig
 from mmfed.data.reader import list_sites
 from mmfed.data.synth import SynthSettings, synthesize
 from mmfed.errors import MmfedError
-from mmfed.ml.specs import MODALITY_NAMES
 from mmfed.ml.updates import group_weights, grouped_average
 from mmfed.run.prepare import PreparedRun, freeze_config, relax_simulated_policies
 from mmfed.run.rundir import RunDir, read_metrics
@@ -280,6 +279,9 @@ def test_secure_round_matches_the_plaintext_aggregate(fed: Path, tmp_path: Path)
     assert aggregation["secure"] is True and "aborted" not in aggregation
     assert aggregation["participants"] == 3 and aggregation["threshold"] == 2
     assert set(secure["seconds"]) >= {"secagg_share", "secagg_mask", "secagg_unmask"}
+    # the schema's statistics are decoded from the same fixed point either way
+    assert torch.load(tmp_path / "secure" / "model.pt", weights_only=False)["schema"] == \
+        torch.load(tmp_path / "plain" / "model.pt", weights_only=False)["schema"]
     # the same model up to the fixed-point quantization of the masked sum
     assert worst(model(tmp_path / "secure"), model(tmp_path / "plain")) < 1e-4
 

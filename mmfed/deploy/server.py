@@ -64,7 +64,7 @@ def say(text: str) -> None:
 
 
 def plan_from_args(args: argparse.Namespace) -> ServerPlan:
-    from mmfed.run.prepare import default_out, validate_holdout
+    from mmfed.run.prepare import check_cohort, default_out, validate_holdout
     from mmfed.server.secure_settings import check_secagg_settings
 
     resume = getattr(args, "resume", None)
@@ -124,6 +124,9 @@ def plan_from_args(args: argparse.Namespace) -> ServerPlan:
     cfg.set("data.sites", sites)
     if cfg["secagg.enabled"]:
         check_secagg_settings(cfg, sites)
+    else:  # the request stops asking for it; each site's own policy still decides
+        cfg.set("privacy.secure_aggregation", "optional")
+    check_cohort(cfg, sites)
     if cfg["federation.min_sites"] > sites:
         raise UsageError(f"federation.min_sites = {cfg['federation.min_sites']} but only "
                          f"{sites} site(s) will join")

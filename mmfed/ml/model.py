@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmfed.config import FUSIONS, MODALITY_NAMES, ModelSpec
 from mmfed.ml.features import FeatureSchema
-from mmfed.ml.specs import FUSIONS, MODALITY_NAMES, ModelSpec
 
 __all__ = ["FUSIONS", "MODALITY_NAMES", "ModelSpec", "MultimodalNet", "build_model"]
 

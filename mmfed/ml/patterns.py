@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from mmfed.config import MODALITY_NAMES
 from mmfed.ml.metrics import classification_metrics
-from mmfed.ml.specs import MODALITY_NAMES
 
 COMPLETE = "complete"
 

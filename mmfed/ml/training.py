@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from mmfed.config import MODALITY_NAMES, TrainSpec
 from mmfed.ml.features import EncodedSite
 from mmfed.ml.metrics import classification_metrics
-from mmfed.ml.specs import MODALITY_NAMES, TrainSpec
 
 
 def restrict_modalities(enc: EncodedSite, modalities: tuple[str, ...]) -> EncodedSite:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmfed.ml.specs import MODALITY_NAMES
+from mmfed.config import MODALITY_NAMES
 
 
 def float_keys(state: dict[str, np.ndarray]) -> list[str]:

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mmfed.config import TrainSpec
 from mmfed.ml.features import EncodedSite
-from mmfed.ml.specs import TrainSpec
 from mmfed.ml.training import (
     make_loss,
     make_optimizer,

@@ -95,19 +95,23 @@ def _site_name(folder: Path) -> str:
     return spec.name if spec is not None else folder.name
 
 
-def check_cohort(cfg: RunConfig, names: list[str]) -> None:
-    """A simulated site whose policy wants more company than the federation has would
-    decline every round: one line now instead of a run of refusals."""
-    for name in names:
-        key = f"privacy.site.{name}.min_cohort"
-        wanted = int(cfg[key] if key in cfg.values else cfg["privacy.min_cohort"])
-        if wanted > len(names):
+def check_cohort(cfg: RunConfig, n_sites: int, names: list[str] | None = None) -> None:
+    """A cohort term larger than the federation would make every site decline every
+    round: one line now instead of a run of refusals. The server's own request
+    (``privacy.min_cohort``) is checked against ``n_sites``, and so are the policies of
+    the simulated sites in ``names`` (``privacy.site.<name>.min_cohort``)."""
+    wanted = {"the server's request": int(cfg["privacy.min_cohort"])}
+    for name in names or []:
+        wanted[name] = int(cfg.values.get(f"privacy.site.{name}.min_cohort",
+                                          cfg["privacy.min_cohort"]))
+    for who, cohort in wanted.items():
+        if cohort > n_sites:
             raise UsageError(
-                f"{name} needs at least {wanted} sites in every secure sum "
-                f"(privacy.min_cohort) and the federation has {len(names)}; with "
-                f"{len(names)} sites set --set privacy.min_cohort={len(names)}"
+                f"{who} needs at least {cohort} sites in every secure sum "
+                f"(privacy.min_cohort) and the federation has {n_sites}; with "
+                f"{n_sites} sites set --set privacy.min_cohort={n_sites}"
                 + (" (each site can then read the other's update from the sum)"
-                   if len(names) == 2 else ""))
+                   if n_sites == 2 else ""))
 
 
 def relax_simulated_policies(cfg: RunConfig, n_sites: int) -> None:
@@ -139,7 +143,7 @@ def prepare_run(cfg: RunConfig, out: Path, *, fresh: bool = True) -> tuple[RunCo
     cfg.set("data.sites", len(sites))
     if cfg["secagg.enabled"]:
         check_secagg_settings(cfg, len(sites))
-        check_cohort(cfg, [_site_name(s) for s in sites])
+        check_cohort(cfg, len(sites), [_site_name(s) for s in sites])
     else:
         relax_simulated_policies(cfg, len(sites))
     if cfg["federation.min_sites"] > len(sites):

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from flwr.app import Message
 
 from mmfed import wire
+from mmfed.config import MODALITY_NAMES
 from mmfed.ml.features import FeatureSchema
-from mmfed.ml.specs import MODALITY_NAMES
 from mmfed.ml.updates import group_weights, grouped_average, weight_group
 from mmfed.server.records import (
     RoundInfo,

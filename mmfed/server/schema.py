@@ -31,10 +31,10 @@ from mmfed.ml.features import (
     ColumnNames,
     FeatureSchema,
     StatsLayout,
-    pool_moments,
     schema_from_moments,
 )
-from mmfed.secagg import SecAggError
+from mmfed.secagg import SecAggError, SecAggParams
+from mmfed.secagg.quantize import pack_segments, unpack_segments
 from mmfed.server.records import SiteEntry
 from mmfed.server.rounds import RoundContext
 from mmfed.server.secure import SecureSum
@@ -67,23 +67,48 @@ def learn_schema(ctx: RoundContext, layout: StatsLayout, holdout: SiteData | Non
 
 def _plain_moments(ctx: RoundContext, nodes: list[int], layout: StatsLayout
                    ) -> FeatureSchema:
+    """The same sum in the clear (``--no-secagg``), for sites whose policy allows it.
+
+    The server encodes each site's moments in the fixed point the secure sum uses and
+    decodes their sum as the secure sum would, so a run's schema does not depend on
+    whether secure aggregation was on, and runs with and without it stay comparable.
+    """
     request = wire.moments_request(ctx.cfg, layout, cohort=len(nodes))
     ok, failed = exchange(ctx.grid, dict.fromkeys(nodes, request), wire.MOMENTS,
                           SETUP_ROUND, ctx.remaining())
-    parts = []
+    params = moments_params(ctx, len(nodes), layout)
+    segments = list(params.segments)
+    total: np.ndarray | None = None
+    used = 0
     for node, reason in failed.items():
         log.warning("%s left out of the schema statistics: %s", ctx.name(node), reason)
     for node, reply in sorted(ok.items(), key=lambda item: ctx.name(item[0])):
-        refusal = wire.declined_of(reply.content)
         try:
+            refusal = wire.declined_of(reply.content)
             if refusal is not None:
                 raise wire.WireError(refusal)
-            parts.append(wire.moments_of(reply.content, layout.columns))
-        except wire.WireError as exc:
+            moments, counts = wire.moments_of(reply.content, layout.columns)
+            share = [min(int(c), params.count_cap) / params.count_cap for c in counts]
+            codes = pack_segments(moments.astype(np.float32), share, segments,
+                                  params.clip_range, params.max_sites).astype(np.uint64)
+        except (wire.WireError, SecAggError) as exc:
             log.warning("%s left out of the schema statistics: %s", ctx.name(node), exc)
-    if not parts:
+            continue
+        total = codes if total is None else total + codes
+        used += 1
+    if total is None:
         raise MmfedError("no site contributed statistics for the feature schema")
-    return schema_from_moments(layout, *pool_moments(parts))
+    means, weights = unpack_segments(total.astype(np.uint32), used, segments,
+                                     params.clip_range, params.max_sites)
+    return schema_from_moments(layout, means, np.rint(weights * params.count_cap)
+                               .astype(np.int64))
+
+
+def moments_params(ctx: RoundContext, n_sites: int, layout: StatsLayout) -> SecAggParams:
+    """The moments' fixed-point layout: one segment of two values per column, clipped
+    to [-1, 1] (the moments lie there by construction, whatever secagg.clip_range says)."""
+    return secagg_params(ctx.cfg, SETUP_ROUND, n_sites, 2 * layout.columns,
+                         (2,) * layout.columns, clip_range=1.0)
 
 
 class SecureMoments(SecureSum):
@@ -91,10 +116,7 @@ class SecureMoments(SecureSum):
 
     def __init__(self, ctx: RoundContext, nodes: list[int], layout: StatsLayout) -> None:
         self.layout = layout
-        segments = (2,) * layout.columns
-        # the moments lie in [-1, 1] by construction, whatever secagg.clip_range says
-        super().__init__(ctx, SETUP_ROUND, nodes, secagg_params(
-            ctx.cfg, SETUP_ROUND, len(nodes), 2 * layout.columns, segments, clip_range=1.0))
+        super().__init__(ctx, SETUP_ROUND, nodes, moments_params(ctx, len(nodes), layout))
 
     def run(self) -> FeatureSchema:
         base = wire.moments_request(self.ctx.cfg, self.layout)

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from mmfed import wire
+from mmfed.config import RunConfig
 from mmfed.errors import Declined, MmfedError
-from mmfed.ml.features import column_moments
+from mmfed.ml.features import FeatureSchema, column_moments
 from mmfed.ml.process import limit_threads
 from mmfed.ml.updates import flat_delta, group_weights
 from mmfed.site import consent, faults
 from mmfed.site import runtime as site_runtime
 from mmfed.site import secagg as site_secagg
+from mmfed.site.state import LoadedSite
+
+ModelState = dict[str, np.ndarray]
 
 app = ClientApp()
 
@@ -37,6 +42,17 @@ def _guard(handler: Callable[[Message, Context], Message]) -> Callable[[Message,
         except MmfedError as exc:
             return Message(Error(wire.ERR_SITE, str(exc)), reply_to=msg)
     return run
+
+
+def _model_request(msg: Message, context: Context, what: str
+                   ) -> tuple[RunConfig, int, FeatureSchema, ModelState, LoadedSite]:
+    """A request that carries the global model, and the site folder it is about,
+    fingerprinted once for the whole message."""
+    cfg, round_num, schema, state = wire.read_request(msg.content)
+    if schema is None or state is None:
+        raise MmfedError(f"{what} request without schema or model")
+    folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
+    return cfg, round_num, schema, state, site_runtime.open_site(folder)
 
 
 @app.query(wire.ACTION_STATS)
@@ -78,11 +94,7 @@ def moments(msg: Message, context: Context) -> Message:
 @app.train()
 @_guard
 def train(msg: Message, context: Context) -> Message:
-    cfg, round_num, schema, state = wire.read_request(msg.content)
-    if schema is None or state is None:
-        raise MmfedError("train request without schema or model")
-    folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
-    site = site_runtime.open_site(folder)  # fingerprinted once for the whole message
+    cfg, round_num, schema, state, site = _model_request(msg, context, "train")
     name = site.name
     site_secagg.check_fault(list(cfg["faults.drop"]), name, round_num, "train")
     secagg = wire.secagg_request_of(msg.content)  # malformed: refused before training
@@ -151,11 +163,7 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_guard
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, _, schema, state = wire.read_request(msg.content)
-    if schema is None or state is None:
-        raise MmfedError("evaluate request without schema or model")
-    folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
-    site = site_runtime.open_site(folder)  # fingerprinted once for the whole message
+    cfg, _, schema, state, site = _model_request(msg, context, "evaluate")
     limit_threads()  # once per process, on the first message that evaluates
     figures = site_runtime.evaluate_round(site, cfg, schema, state)
     return Message(wire.reply_content(site.name, metrics=figures), reply_to=msg)

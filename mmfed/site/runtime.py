@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmfed.config import RunConfig
+from mmfed.config import MODALITY_NAMES, RunConfig, TrainSpec
 from mmfed.errors import DataError, Declined
 from mmfed.ml.device import resolve_device
 from mmfed.ml.features import EncodedSite, FeatureSchema, column_names
-from mmfed.ml.specs import TrainSpec
 from mmfed.privacy.policy import (
     TWO_SITE_WARNING,
     PrivacyPolicy,
@@ -83,8 +82,6 @@ class TrainOutcome:
 
 def modality_counts(enc: EncodedSite, modalities: tuple[str, ...]) -> dict[str, int]:
     """How many patients each encoder actually learned from at this site."""
-    from mmfed.ml.specs import MODALITY_NAMES
-
     present = (enc.mask > 0.5).sum(axis=0)
     return {m: int(present[i]) if m in modalities else 0
             for i, m in enumerate(MODALITY_NAMES)}

@@ -45,7 +45,8 @@ def test_sigterm_stops_server_and_all_its_processes(setup: Path) -> None:
     try:
         server = h.mmfed("server", "server", "--data", setup / "fed", "--insecure",
                          "--sites", "2", "--host", "127.0.0.1", "--port", str(port),
-                         "--out", setup / "run-term", "--rounds", "1", "--no-progress")
+                         "--out", setup / "run-term", "--rounds", "1", "--no-progress",
+                         "--set", "privacy.min_cohort=2")
         client = h.mmfed("client", "client", "--data", setup / "fed" / "site-1",
                          "--server", f"127.0.0.1:{port}", "--insecure",
                          "--ledger-dir", setup / "ledger", "--wait-server", "120")
@@ -102,7 +103,7 @@ def test_failed_run_is_one_line(setup: Path) -> None:
                          setup / "certs", "--admit", setup / "keys", "--host", "127.0.0.1",
                          "--port", str(free_port()), "--out", setup / "run-fail",
                          "--rounds", "1", "--set", "federation.round_timeout=3",
-                         "--no-progress")
+                         "--set", "privacy.min_cohort=2", "--no-progress")
         code = server.wait(180)
         leftover = h.marked()
     finally:
@@ -125,7 +126,8 @@ def test_dead_superlink_then_a_new_server_the_client_rejoins(setup: Path) -> Non
     port = free_port()
     args = ["--data", setup / "fed", "--certs", setup / "certs", "--admit",
             setup / "keys" / "site-1.pub", "--host", "127.0.0.1", "--port", str(port),
-            "--rounds", "1", "--set", "secagg.enabled=false", "--no-progress"]
+            "--rounds", "1", "--set", "secagg.enabled=false", "--set", "privacy.min_cohort=1",
+            "--no-progress"]
     connected = f"connected to 127.0.0.1:{port} as node"
     try:
         first = srv.mmfed("first", "server", *args, "--out", setup / "run-first")

@@ -1,0 +1,100 @@
+"""A curious coordinator against real partner sites: `mmfed client` processes over TLS
+with SuperNode authentication, each keeping its own policy file, refuse what the server
+asks when it would weaken their protection.
+
+The server here is `mmfed server` told to do what a curious coordinator would: run in
+the clear (``secagg.enabled = false``), or ask for DP noise it could replay
+(``privacy.debug_seeded_noise``). The sites' policies are mmfed's defaults (secure
+aggregation required), and every refusal has to show up in the server's own
+``metrics.jsonl`` as ``declined`` with the site's reason, with nothing spent in any
+site's ledger. ``tests/test_curious_coordinator.py`` mounts the finer attacks (a
+shrunk cohort at unmask, weaker thresholds, reading the statistics messages) in
+process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmfed.cli import main
+from mmfed.data.synth import SynthSettings, synthesize
+from mmfed.deploy.processes import free_port
+from mmfed.privacy.ledger import PrivacyLedger, ledger_dir, site_fingerprint
+from tests.e2e.harness import Harness
+
+pytestmark = pytest.mark.slow
+SITES = ("site-1", "site-2", "site-3")
+RUN_TIMEOUT = 300.0
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("curious-e2e")
+    synthesize(root / "fed", SynthSettings(sites=3, patients_per_site=40, holdout=40,
+                                           genes=20, seed=2, image_size=32))
+    for site in SITES:
+        assert main(["keys", "new", "--site", site, "--out", str(root / "keys")]) == 0
+    assert main(["certs", "init", "--out", str(root / "certs"), "--host", "127.0.0.1"]) == 0
+    return root
+
+
+def curious_run(kit: Path, name: str, *settings: str) -> tuple[int, list[dict[str, object]],
+                                                                  str]:
+    """One federation whose server asks for ``settings``; the sites keep mmfed's
+    default policy (no --policy). Returns the server's exit code, its metrics lines
+    and every process's output."""
+    h = Harness(kit / name)
+    (kit / name).mkdir()
+    port = free_port()
+    run = kit / name / "run"
+    try:
+        server = h.mmfed("server", "server", "--data", kit / "fed", "--certs", kit / "certs",
+                         "--admit", kit / "keys", "--host", "127.0.0.1", "--port", str(port),
+                         "--out", run, "--rounds", "1", "--no-progress",
+                         "--set", "train.batch_size=16", "--set", "federation.local_eval=false",
+                         "--set", "federation.round_timeout=120", *settings)
+        clients = [h.mmfed(site, "client", "--data", kit / "fed" / site, "--site", site,
+                           "--server", f"127.0.0.1:{port}", "--ca", kit / "certs" / "ca.pem",
+                           "--key", kit / "keys" / f"{site}.key",
+                           "--ledger-dir", kit / name / f"ledger-{site}",
+                           "--wait-server", "120") for site in SITES]
+        code = server.wait(RUN_TIMEOUT)
+        for client in clients:
+            h.stop(client)
+        output = "\n".join(p.text() for p in (server, *clients))
+        leftover = h.marked()
+    finally:
+        killed = h.cleanup()
+    assert not killed and leftover == []
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
+        if (run / "metrics.jsonl").exists() else []
+    return code, lines, output
+
+
+def spent(kit: Path, name: str, site: str) -> int:
+    folder = ledger_dir(str(kit / name / f"ledger-{site}"))
+    return len(PrivacyLedger(folder, site_fingerprint(kit / "fed" / site)).entries())
+
+
+@pytest.mark.parametrize(("name", "setting", "reason"), [
+    ("plaintext", "secagg.enabled=false", "requires secure aggregation"),
+    ("seeded", "privacy.debug_seeded_noise=true", "debug_seeded_noise"),
+])
+def test_deployed_sites_refuse_a_weaker_request(kit: Path, name: str, setting: str,
+                                                reason: str) -> None:
+    """Asked to train in the clear, or with noise the server could replay, every site
+    declines before it trains: the reason is in the server's metrics, and nothing is
+    in any site's ledger."""
+    code, lines, output = curious_run(kit, name, "--set", setting)
+    assert code == 0, output[-3000:]
+    [line] = lines
+    for site in SITES:
+        entry = line["sites"][site]
+        assert entry["status"] == "declined", entry
+        assert reason in entry["reason"]
+        assert spent(kit, name, site) == 0
+    assert line["aggregation"]["participants"] == 0
+    assert line["aggregation"]["declined"] == len(SITES)
