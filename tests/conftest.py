@@ -39,3 +39,28 @@ def own_privacy_ledger(tmp_path_factory: pytest.TempPathFactory,
     folder = tmp_path_factory.mktemp("ledger")
     monkeypatch.setenv(LEDGER_ENV, str(folder))
     return folder
+
+
+# The longest test files, longest first. `make test` hands whole files to three
+# workers (--dist loadfile) in collection order; starting the longest ones first keeps
+# one long file from starting last and running alone at the end.
+LONGEST_FIRST = (
+    "e2e/test_deployment.py", "test_resume.py", "e2e/test_site_crash.py",
+    "e2e/test_curious_deployment.py", "test_utility.py", "e2e/test_stop.py",
+    "test_explain.py", "test_secure_federation.py", "test_bad_updates.py",
+    "test_modality_aware.py", "test_privacy.py", "test_flwr_run.py", "test_simulate.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests = Path(__file__).resolve().parent
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def place(item: pytest.Item) -> int:
+        try:
+            name = Path(item.path).resolve().relative_to(tests).as_posix()
+        except ValueError:
+            return len(rank)
+        return rank.get(name, len(rank))
+
+    items.sort(key=place)  # stable: the rest keep their order

@@ -80,8 +80,7 @@ def _plain_moments(ctx: RoundContext, nodes: list[int], layout: StatsLayout
     segments = list(params.segments)
     total: np.ndarray | None = None
     used = 0
-    for node, reason in failed.items():
-        log.warning("%s left out of the schema statistics: %s", ctx.name(node), reason)
+    left_out = {ctx.name(node): reason for node, reason in failed.items()}
     for node, reply in sorted(ok.items(), key=lambda item: ctx.name(item[0])):
         try:
             refusal = wire.declined_of(reply.content)
@@ -92,12 +91,16 @@ def _plain_moments(ctx: RoundContext, nodes: list[int], layout: StatsLayout
             codes = pack_segments(moments.astype(np.float32), share, segments,
                                   params.clip_range, params.max_sites).astype(np.uint64)
         except (wire.WireError, SecAggError) as exc:
-            log.warning("%s left out of the schema statistics: %s", ctx.name(node), exc)
+            left_out[ctx.name(node)] = str(exc)
             continue
         total = codes if total is None else total + codes
         used += 1
+    for name, reason in sorted(left_out.items()):
+        log.warning("%s left out of the schema statistics: %s", name, reason)
     if total is None:
-        raise MmfedError("no site contributed statistics for the feature schema")
+        reasons = "; ".join(f"{name}: {why}" for name, why in sorted(left_out.items()))
+        raise MmfedError("no site contributed statistics for the feature schema"
+                         + (f" ({reasons})" if reasons else ""))
     means, weights = unpack_segments(total.astype(np.uint32), used, segments,
                                      params.clip_range, params.max_sites)
     return schema_from_moments(layout, means, np.rint(weights * params.count_cap)

@@ -79,22 +79,31 @@ def spent(kit: Path, name: str, site: str) -> int:
     return len(PrivacyLedger(folder, site_fingerprint(kit / "fed" / site)).entries())
 
 
-@pytest.mark.parametrize(("name", "setting", "reason"), [
-    ("plaintext", "secagg.enabled=false", "requires secure aggregation"),
-    ("seeded", "privacy.debug_seeded_noise=true", "debug_seeded_noise"),
-])
-def test_deployed_sites_refuse_a_weaker_request(kit: Path, name: str, setting: str,
-                                                reason: str) -> None:
-    """Asked to train in the clear, or with noise the server could replay, every site
-    declines before it trains: the reason is in the server's metrics, and nothing is
-    in any site's ledger."""
-    code, lines, output = curious_run(kit, name, "--set", setting)
+def test_deployed_sites_refuse_a_plaintext_server(kit: Path) -> None:
+    """Asked for their statistics in the clear, every site declines, so the run cannot
+    even build its schema: it stops with the sites' reasons in one line, before any
+    training, and nothing is in any site's ledger."""
+    code, lines, output = curious_run(kit, "plaintext", "--set", "secagg.enabled=false")
+    assert code == 1, output[-3000:]
+    last = [ln for ln in output.splitlines() if ln.startswith("mmfed: error:")][-1]
+    assert "no site contributed statistics for the feature schema" in last
+    for site in SITES:
+        assert f"{site}: declined: this site's policy requires secure aggregation" in last
+        assert spent(kit, "plaintext", site) == 0
+    assert lines == []  # no round ran
+
+
+def test_deployed_sites_refuse_replayable_noise(kit: Path) -> None:
+    """Asked to train with noise the server could replay, every site declines before it
+    trains: the reason is in the server's metrics, and nothing is in any ledger."""
+    code, lines, output = curious_run(kit, "seeded", "--set",
+                                      "privacy.debug_seeded_noise=true")
     assert code == 0, output[-3000:]
     [line] = lines
     for site in SITES:
         entry = line["sites"][site]
         assert entry["status"] == "declined", entry
-        assert reason in entry["reason"]
-        assert spent(kit, name, site) == 0
+        assert "debug_seeded_noise" in entry["reason"]
+        assert spent(kit, "seeded", site) == 0
     assert line["aggregation"]["participants"] == 0
     assert line["aggregation"]["declined"] == len(SITES)
