@@ -193,19 +193,32 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     bench, r = by_name["deployment_round"], _get(results, "deployment_round")
     if r and {"simulation", "deployment"} <= set(r):
         sim, dep = r["simulation"], r["deployment"]
-        stages = ("secagg_share", "secagg_mask", "secagg_unmask")
+        # the stages are whatever the run timed (they change with the protocol)
+        stages = [k for k in {**sim, **dep} if k.startswith("secagg_")]
         sim_sa, dep_sa = (round(sum(x.get(k, 0.0) for k in stages), 2) for x in (sim, dep))
         value = (f"round **{dep['round']} s** deployed vs {sim['round']} s simulated "
                  f"(**+{round(dep['round'] - sim['round'], 2)} s per round**, "
-                 f"{r.get('ratio', {}).get('round', '?')}×); train {dep['train']} vs "
-                 f"{sim['train']} s; the three secure-aggregation stages {dep_sa} vs "
-                 f"{sim_sa} s (3 sites, DP + secure aggregation)")
+                 f"{r.get('ratio', {}).get('round', '?')}×); train {dep.get('train', '?')} vs "
+                 f"{sim.get('train', '?')} s; secure-aggregation stages "
+                 f"({', '.join(k.removeprefix('secagg_') for k in stages)}) {dep_sa} vs "
+                 f"{sim_sa} s")
+        first = r.get("time_to_first_round")
+        if isinstance(first, dict):
+            value += (f"; first round after {first['deployment']} s deployed vs "
+                      f"{first['simulation']} s simulated")
+        site_max = r.get("memory_mib", {}).get("site_max")
+        if isinstance(site_max, dict):
+            value += (f"; peak memory per site {site_max['peak_sum_mib']} MiB (process tree, "
+                      f"largest process {site_max['peak_process_mib']} MiB)")
+        value += (f" ({r.get('sites', 3)} sites, DP + secure aggregation"
+                  + (", TLS + SuperNode authentication, local evaluation on)"
+                     if r.get("deployment_tls") else ")"))
     elif r:
         value = json.dumps(r)[:200]
     else:
         value = _missing(results, bench)
     rows.append(("deployment per-round overhead (real server and client processes on "
-                 "loopback vs simulation)", value, bench.command))
+                 "loopback, as sites run them, vs simulation)", value, bench.command))
 
     bench, r = by_name["utility"], _get(results, "utility")
     if r:

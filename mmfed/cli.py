@@ -91,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--delta", type=float, help="δ to report ε at (default: the ledger's)")
     show.add_argument("--accountant", choices=("rdp", "prv"), help="default: the ledger's")
 
+    aud = sub.add_parser("audit", help="check a site's tamper-evident audit trail")
+    aud_sub = aud.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
+    aud_verify = aud_sub.add_parser("verify", help="verify the hash chain of "
+                                    "DIR/audit.jsonl; exit 1 and name every problem")
+    aud_verify.add_argument("dir", type=Path, help="the site's privacy (ledger) folder")
+
+    app = sub.add_parser("app", help="the content hash a site approves a Flower app by")
+    app_sub = app.add_subparsers(dest="app_command", metavar="ACTION", parser_class=_Parser)
+    ahash = app_sub.add_parser("hash", help="print the approval hash of an app folder or "
+                               ".fab file (its code and components, not its run config), "
+                               "or of the app this installed mmfed's `mmfed server` ships")
+    ahash.add_argument("path", type=Path, nargs="?", metavar="APP",
+                       help="app folder (with pyproject.toml) or .fab file")
+    ahash.add_argument("--installed", action="store_true", help="the hash of this "
+                       "installation's own release (what a site trusts by default)")
+
     rep = sub.add_parser("report", help="write RUN/report/index.html: a self-contained HTML "
                          "report of a finished run (performance, privacy, participation)")
     rep.add_argument("run", type=Path, help="run directory (from simulate or centralized)")
@@ -169,8 +185,9 @@ def _add_deploy_parsers(sub: Any) -> None:
     srv.add_argument("--no-progress", action="store_true", help="plain log lines instead "
                      "of the live display")
 
-    cli = sub.add_parser("client", help="run a hospital's SuperNode: checks the site folder, "
-                         "then trains when the server asks, under the site's privacy policy")
+    cli = sub.add_parser("client", help="run a hospital's site node: checks the site folder, "
+                         "then trains when the server asks, under the site's privacy policy, "
+                         "for apps the site approved")
     cli.add_argument("--data", type=Path, required=True, help="the site folder")
     cli.add_argument("--site", help="expected site name (must match the folder's site.toml)")
     cli.add_argument("--server", required=True, metavar="HOST:PORT",
@@ -181,8 +198,6 @@ def _add_deploy_parsers(sub: Any) -> None:
                      "default: DP on, epsilon 8, delta 1e-5")
     cli.add_argument("--ledger-dir", type=Path, help="privacy ledger folder (default "
                      "$MMFED_LEDGER_DIR, else ~/.mmfed/privacy-ledger)")
-    cli.add_argument("--runtime-port", type=int, help="loopback port for the SuperNode's "
-                     "app runtime (default: a free one)")
     cli.add_argument("--wait-admission", type=float, default=30.0, metavar="SECONDS",
                      help="keep retrying this long if the server does not know this site's "
                      "key yet (default 30)")
@@ -191,8 +206,8 @@ def _add_deploy_parsers(sub: Any) -> None:
                      "keep trying)")
     cli.add_argument("--insecure", action="store_true", help="plain-text transport, no "
                      "authentication (test networks only; warns)")
-    cli.add_argument("--verbose", action="store_true", help="show the SuperNode's log")
-    cli.add_argument("--log", type=Path, metavar="FILE", help="append the SuperNode's log "
+    cli.add_argument("--verbose", action="store_true", help="show the site node's log")
+    cli.add_argument("--log", type=Path, metavar="FILE", help="append the site node's log "
                      "to FILE (default: kept only while the client runs)")
 
 
@@ -241,6 +256,22 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
 
     print(show_ledger(args.site, args.ledger_dir, args.delta, args.accountant))
     return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    if args.audit_command != "verify":
+        raise UsageError("mmfed audit: choose an action: verify (see mmfed audit --help)")
+    from mmfed.privacy.audit import verify_command
+
+    return verify_command(args.dir)
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    if args.app_command != "hash":
+        raise UsageError("mmfed app: choose an action: hash (see mmfed app --help)")
+    from mmfed.deploy.release import app_command
+
+    return app_command(args.path, args.installed)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -308,6 +339,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulate": _cmd_simulate,
     "centralized": _cmd_centralized,
     "privacy": _cmd_privacy,
+    "audit": _cmd_audit,
+    "app": _cmd_app,
     "report": _cmd_report,
     "explain": _cmd_explain,
     "certs": _cmd_certs,

@@ -47,6 +47,7 @@ SECAGG_MASK = f"{QUERY}.{ACTION_MASK}"
 SECAGG_UNMASK = f"{QUERY}.{ACTION_UNMASK}"
 MESSAGE_TYPES = (STATS, MOMENTS, TRAIN, EVALUATE, SECAGG_SHARE, SECAGG_MASK, SECAGG_UNMASK)
 ERR_SITE = 1001  # a site-side failure with a one-line reason
+ERR_APP_REFUSED = 1002  # the site does not serve this app: its hash is not approved there
 
 # ------------------------------------------------------------------ record keys
 CONFIG = "config"  # the run configuration (+ round) of a request
@@ -65,6 +66,12 @@ SEGMENT_GROUPS = "segment_groups"  # inside SECAGG: weight group name of each se
 MY_ID = "my_id"  # inside SECAGG: this site's id in the protocol
 COHORT = "cohort"  # inside CONFIG: how many sites a plaintext round asks
 DECLINED = "declined"  # a site's refusal under its own policy, with its reason
+LOCAL = "local"  # a train reply's figures of the model its request carried, on the
+# site's own validation split (federation.local_eval): the previous round's model
+PEERS = "secagg_peers"  # a train request's public keys of the site's share group, when
+# every site advertised keys for the round ahead (the share trip rides on training)
+NEXT_KEYS = "secagg_next"  # an unmask reply's public keys for the next round
+NEXT_ROUND = "next_round"  # inside an unmask request: the round to make keys for
 
 
 # ------------------------------------------------------------------ requests and replies
@@ -108,13 +115,18 @@ def cohort_of(content: RecordDict) -> int | None:
     return None if value is None else scalar(value)
 
 
-def declined(reason: str, site: str | None = None) -> RecordDict:
+def declined(reason: str, site: str | None = None,
+             local: Mapping[str, float] | None = None) -> RecordDict:
     """A site's refusal: a normal reply (not an error), so the server can tell a
-    site's choice from a failure, and it carries nothing but the reason."""
+    site's choice from a failure, and it carries nothing but the reason and, when a
+    site declines training after evaluating the global model, that local evaluation
+    (``LOCAL``: figures about the global model, never about the refused update)."""
     content = RecordDict()
     if site is not None:
         content[SITE] = ConfigRecord({NAME: site})
     content[DECLINED] = ConfigRecord({"reason": reason})
+    if local is not None:
+        content[LOCAL] = local_figures(local)
     return content
 
 
@@ -214,6 +226,22 @@ def metrics_of(content: RecordDict) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
 
 
+def local_figures(figures: Mapping[str, float]) -> MetricRecord:
+    """A site's local evaluation (the ``evaluate`` reply's figures), as a train reply's
+    ``LOCAL`` record."""
+    return MetricRecord({k: float(v) for k, v in figures.items()})
+
+
+def local_of(content: RecordDict) -> dict[str, float] | None:
+    """A reply's local evaluation: None when it carries none (the run does not ask for
+    one, or the site failed before evaluating)."""
+    if LOCAL not in content.metric_records:
+        return None
+    record = content.metric_records[LOCAL]
+    return {k: float(v) for k, v in record.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def model_of(content: RecordDict) -> dict[str, np.ndarray] | None:
     """A reply's plaintext model, or None when it carries none."""
     if MODEL not in content.array_records:
@@ -305,15 +333,27 @@ def secagg_request_of(content: RecordDict) -> SecAggRequest | None:
     return SecAggRequest.from_record(content.config_records[SECAGG])
 
 
-def with_secagg(base: RecordDict, secagg: SecAggRequest) -> RecordDict:
-    """A copy of a train request for one site, with that site's protocol parameters."""
+def with_secagg(base: RecordDict, secagg: SecAggRequest,
+                peers: Mapping[int, Mapping[str, bytes]] | None = None) -> RecordDict:
+    """A copy of a train request for one site, with that site's protocol parameters
+    and, when the round's keys were advertised ahead, its share group's public keys
+    (``PEERS``: the site then sends its encrypted shares with its train reply)."""
     content = RecordDict()
     for key, config in base.config_records.items():
         content[key] = config
     for key, arrays in base.array_records.items():
         content[key] = arrays
     content[SECAGG] = secagg.to_record()
+    if peers is not None:
+        content[PEERS] = peer_keys(peers)
     return content
+
+
+def peers_of(content: RecordDict) -> dict[int, dict[str, bytes]] | None:
+    """A train request's share-group public keys, or None on the classic path."""
+    if PEERS not in content.config_records:
+        return None
+    return peer_keys_of(content.config_records[PEERS])
 
 
 def secagg_of(content: RecordDict) -> ConfigRecord:
@@ -411,13 +451,41 @@ def masked_of(content: RecordDict) -> np.ndarray:
     return content.array_records[MASKED]["y"].numpy()
 
 
-def unmask_request(survivors: list[int], dropped: list[int]) -> ConfigRecord:
-    """Unmask stage, server → site: who sent a masked vector and who did not."""
-    return ConfigRecord({"survivors": list(survivors), "dropped": list(dropped)})
+def unmask_request(survivors: list[int], dropped: list[int],
+                   next_round: int | None = None) -> ConfigRecord:
+    """Unmask stage, server → site: who sent a masked vector and who did not, and, when
+    another round follows, the round to make fresh keys for (``NEXT_ROUND``)."""
+    record: dict[str, Any] = {"survivors": list(survivors), "dropped": list(dropped)}
+    if next_round is not None:
+        record[NEXT_ROUND] = int(next_round)
+    return ConfigRecord(record)
 
 
 def unmask_request_of(record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     return ints(_field(record, "survivors")), ints(_field(record, "dropped"))
+
+
+def next_round_of(record: Mapping[str, Any]) -> int | None:
+    """The round an unmask request asks keys for, or None when it asks none."""
+    value = record.get(NEXT_ROUND)
+    return None if value is None else scalar(value)
+
+
+def next_keys(round_num: int, keys: Mapping[str, bytes]) -> ConfigRecord:
+    """Unmask stage, site → server: public keys made for round ``round_num`` only."""
+    return ConfigRecord({ROUND: int(round_num), "c_pk": keys["c_pk"], "s_pk": keys["s_pk"]})
+
+
+def next_keys_of(content: RecordDict) -> tuple[int, dict[str, bytes]] | None:
+    """An unmask reply's keys for the next round and that round, or None if it has
+    none; malformed keys are a WireError."""
+    if NEXT_KEYS not in content.config_records:
+        return None
+    record = content.config_records[NEXT_KEYS]
+    c_pk, s_pk = record.get("c_pk"), record.get("s_pk")
+    if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes):
+        raise WireError("malformed next-round public keys")
+    return scalar(record.get(ROUND)), {"c_pk": c_pk, "s_pk": s_pk}
 
 
 def reveals(out: Mapping[int, bytes]) -> ConfigRecord:

@@ -46,7 +46,8 @@ def own_privacy_ledger(tmp_path_factory: pytest.TempPathFactory,
 # one long file from starting last and running alone at the end.
 LONGEST_FIRST = (
     "e2e/test_deployment.py", "test_resume.py", "e2e/test_site_crash.py",
-    "e2e/test_curious_deployment.py", "test_utility.py", "e2e/test_stop.py",
+    "e2e/test_curious_deployment.py", "e2e/test_site_trust.py", "test_utility.py",
+    "e2e/test_stop.py",
     "test_explain.py", "test_secure_federation.py", "test_bad_updates.py",
     "test_modality_aware.py", "test_privacy.py", "test_flwr_run.py", "test_simulate.py",
 )

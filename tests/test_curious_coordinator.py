@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from mmfed import wire
 from mmfed.config import RunConfig
@@ -31,11 +31,12 @@ from mmfed.ml.model import build_model
 from mmfed.privacy.dp_sgd import NoiseSource, train_private
 from mmfed.privacy.ledger import PrivacyLedger, ledger_dir, site_fingerprint
 from mmfed.run.rundir import RunDir, read_metrics
-from mmfed.secagg import SecAggParams
+from mmfed.secagg import RoundKeys, SecAggParams
 from mmfed.server.loop import Federation
 from mmfed.server.rounds import RoundContext
 from mmfed.server.secure import SecureRound, SecureSession
 from mmfed.site import runtime
+from mmfed.site import secagg as site_secagg
 from mmfed.site.state import site_state
 from tests.test_rounds import FakeGrid, mmfed_log_handlers, node, server_identity
 
@@ -182,14 +183,16 @@ def test_a_whole_plaintext_run_learns_nothing(fed: Path, tmp_path: Path) -> None
 
 
 def _secure_request(fed: Path, state: dict[str, np.ndarray], schema: Any, n_sites: int,
-                    threshold: int, neighbours: int | None, my_id: int = 0) -> RecordDict:
+                    threshold: int, neighbours: int | None, my_id: int = 0,
+                    round_num: int = 1,
+                    peers: dict[int, dict[str, bytes]] | None = None) -> RecordDict:
     from mmfed.ml.updates import vector_length
 
-    params = SecAggParams(run_id="curious", round=1, site_ids=list(range(n_sites)),
+    params = SecAggParams(run_id="curious", round=round_num, site_ids=list(range(n_sites)),
                           threshold=threshold, neighbours=neighbours, clip_range=1.0,
                           max_sites=n_sites, count_cap=64, vector_length=vector_length(state))
-    base = wire.request(server_config(fed), 1, schema, state)
-    return wire.with_secagg(base, wire.SecAggRequest(params, my_id))
+    base = wire.request(server_config(fed), round_num, schema, state)
+    return wire.with_secagg(base, wire.SecAggRequest(params, my_id), peers)
 
 
 @pytest.mark.parametrize(("terms", "n_sites", "threshold", "neighbours", "reason"), [
@@ -207,6 +210,46 @@ def test_a_weaker_secure_request_is_refused(fed: Path, tmp_path: Path, terms: di
     assert reason in (wire.declined_of(reply.content) or ""), reply.content
     assert wire.SECAGG not in reply.content.config_records  # no keys, no round
     assert ledger_entries(tmp_path, fed, 1) == 0
+
+
+def test_keys_advertised_for_another_round_are_refused(fed: Path, tmp_path: Path) -> None:
+    """A coordinator that kept a site's keys made for round 2 tries them in round 3,
+    or passes off a key of its own as the site's, or claims keys the site never made:
+    each is refused before training (nothing spent), and keys made ahead serve one
+    train request only, whatever becomes of it."""
+    grid = site_grid(fed, tmp_path)
+    schema, state = schema_state(fed)
+    context = grid.contexts[node(1)]
+    others = {j: RoundKeys.generate("curious", 3).public() for j in (1, 2)}
+
+    def plant(round_num: int) -> dict[str, bytes]:
+        keys = RoundKeys.generate("curious", round_num)
+        context.state[site_secagg.NEXT] = ConfigRecord({"keys": keys.to_state()})
+        return keys.public()
+
+    def train(own: dict[str, bytes]) -> Message:
+        content = _secure_request(fed, state, schema, 3, 2, None, round_num=3,
+                                  peers={0: own, **others})
+        return ask(grid, 1, content, wire.TRAIN, round_num=3)
+
+    refusals = [train(plant(2))]  # made for round 2, offered in round 3
+    plant(3)
+    refusals.append(train(RoundKeys.generate("curious", 3).public()))  # not the site's
+    refusals.append(train(others[1]))  # keys it never made (it holds none now)
+    reasons = [reply.error.reason for reply in refusals if reply.has_error()]
+    assert len(reasons) == 3, [r.content for r in refusals]
+    assert "advertised for round 2" in reasons[0] and "not for round 3" in reasons[0]
+    assert "does not carry this site's advertised keys" in reasons[1]
+    assert "never advertised" in reasons[2]
+    assert ledger_entries(tmp_path, fed, 1) == 0  # nothing trained, nothing spent
+    assert site_secagg.NEXT not in context.state.config_records
+
+    reply = train(plant(3))  # the keys it made for this round: it trains and shares
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert set(wire.shares_of(wire.secagg_of(reply.content))) == {1, 2}
+    assert ledger_entries(tmp_path, fed, 1) == 1
+    again = train(RoundKeys.generate("curious", 3).public())
+    assert again.has_error() and "never advertised" in again.error.reason
 
 
 class ShrinkingSession(SecureSession):

@@ -189,7 +189,8 @@ def test_client_refuses_bad_inputs_before_starting(kit: Path, tmp_path: Path,
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "site.toml").write_text("name = 'b'\n")
-    busy = socket.create_server(("127.0.0.1", 0))
+    bad_apps = tmp_path / "bad-apps.toml"
+    bad_apps.write_text('epsilon = 4.0\n[apps]\napproved = ["not-a-hash"]\n')
     cases = [
         (client_argv(kit, **{"--server": "127.0.0.1"}), 2, "expected HOST:PORT"),
         (client_argv(kit, **{"--server": "::1:9092"}), 2, "IPv6 addresses in brackets"),
@@ -204,16 +205,12 @@ def test_client_refuses_bad_inputs_before_starting(kit: Path, tmp_path: Path,
         (client_argv(kit, **{"--ca": None}), 2, "--ca"),
         (client_argv(kit, **{"--insecure": ""}), 2, "drop --ca and --key"),
         (client_argv(kit, **{"--policy": str(tmp_path / "nope.toml")}), 1, "not found"),
-        (client_argv(kit, **{"--runtime-port": str(busy.getsockname()[1])}), 1,
-         "already in use"),
+        (client_argv(kit, **{"--policy": str(bad_apps)}), 1, "is not an app hash"),
     ]
-    try:
-        for argv, exit_code, needle in cases:
-            code, _, err = run(argv, capsys)
-            assert code == exit_code, (argv, err)
-            assert needle in one_line_error(err), (argv, err)
-    finally:
-        busy.close()
+    for argv, exit_code, needle in cases:
+        code, _, err = run(argv, capsys)
+        assert code == exit_code, (argv, err)
+        assert needle in one_line_error(err), (argv, err)
     # an unreachable server is an error only after --wait-server seconds (after a notice)
     code, _, err = run(client_argv(kit), capsys)
     assert code == 1 and "not reachable yet" in err

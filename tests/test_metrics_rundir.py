@@ -243,3 +243,25 @@ def test_summary_is_json(tmp_path: Path) -> None:
 def test_rundir_reuses_a_folder_whose_start_failed(tmp_path: Path) -> None:
     RunDir(tmp_path / "run")  # e.g. refused settings after the folder was made
     RunDir(tmp_path / "run")  # no round was written: the folder may be used again
+
+
+def test_late_local_figures_are_read_by_the_model_they_evaluate() -> None:
+    """Round r's line carries the sites' figures of round r - 1's model (``local_model``)
+    and the last line the final model's (``local_final``): TensorBoard and the report
+    both put each at the round of its model; older lines hold their own round's."""
+    from mmfed.report.rundata import RunData
+    from mmfed.run.tracking import local_scalars, scalars
+
+    lines = [{"round": r, "local_model": r - 1, "global": {"auroc": 0.5},
+              "sites": {"site-1": {"status": "trained", "local": {"auroc": r / 10}}}}
+             for r in (1, 2, 3)]
+    lines[-1]["sites"]["site-1"]["local_final"] = {"auroc": 0.4}
+    got = [(tag, at, value) for line in lines for tag, value, at in local_scalars(line)]
+    assert got == [("sites/site-1/local/auroc", 0, 0.1), ("sites/site-1/local/auroc", 1, 0.2),
+                   ("sites/site-1/local/auroc", 2, 0.3), ("sites/site-1/local/auroc", 3, 0.4)]
+    assert "local_model" not in dict(scalars(lines[0]))
+    data = RunData(path=Path("."), rounds=lines, summary={}, config={})
+    assert data.site_series("site-1", "auroc", local=True) == [0.2, 0.3, 0.4]
+    old = [{"round": r, "sites": {"site-1": {"local": {"auroc": r / 10}}}} for r in (1, 2)]
+    assert RunData(path=Path("."), rounds=old, summary={}, config={}).site_series(
+        "site-1", "auroc", local=True) == [0.1, 0.2]

@@ -95,7 +95,8 @@ def test_ledger_records_durably_and_recomputes(tmp_path: Path) -> None:
     assert again.spent(1e-5, "rdp") == pytest.approx(
         opacus_epsilon(again.history(), 1e-5), abs=1e-6)
     assert sorted(p.name for p in (tmp_path / "ledger").iterdir()
-                  if not p.name.startswith(".")) == [ledger.path.name]
+                  if not p.name.startswith(".")) == sorted([ledger.path.name, "audit.head",
+                                                            "audit.jsonl"])
     (site / "records.csv").write_text("patient_id,label\n1,0\n2,1\n")
     assert site_fingerprint(site) != ledger.fingerprint  # changed data: a new ledger
 

@@ -30,7 +30,7 @@ ARGS = ["--sites", "3", "--rounds", "5", "--seed", "11", "--no-progress",
 
 def _ledger_rounds(ledgers: Path) -> dict[str, list[tuple[str, int]]]:
     out: dict[str, list[tuple[str, int]]] = {}
-    for path in sorted(ledgers.glob("*.jsonl")):
+    for path in sorted(p for p in ledgers.glob("*.jsonl") if p.name != "audit.jsonl"):
         for line in path.read_text().splitlines():
             if line.strip():
                 entry = json.loads(line)

@@ -6,9 +6,10 @@ calling the site's real ClientApp with one ``Context`` per node, whose node stat
 kept across messages as a SuperNode keeps it, so secure aggregation's stages run
 exactly as deployed. It can also act out what real networks do: a node that never
 answers a stage (``silent``), a late reply (``delay``), a reply that does not follow
-the wire contract (``corrupt``). Each test runs a whole ``Federation`` (setup, rounds,
-checkpoints, metrics) on a tiny synthetic cohort, so the round logic is tested in
-seconds, without paying for Ray or real processes.
+the wire contract (``corrupt``). It counts every message it is given by (node, type,
+round), so a test can see how many trips a round took. Each test runs a whole
+``Federation`` (setup, rounds, checkpoints, metrics) on a tiny synthetic cohort, so the
+round logic is tested in seconds, without paying for Ray or real processes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,12 +36,18 @@ from mmfed.config import MODALITY_NAMES, RunConfig
 from mmfed.data.reader import list_sites
 from mmfed.data.synth import SynthSettings, synthesize
 from mmfed.errors import MmfedError
+from mmfed.ml.features import FeatureSchema
+from mmfed.ml.model import build_model
 from mmfed.ml.updates import group_weights, grouped_average
+from mmfed.report.rundata import RunData
 from mmfed.run.prepare import PreparedRun, freeze_config, relax_simulated_policies
+from mmfed.run.resume import find_resume_point, truncate_metrics
 from mmfed.run.rundir import RunDir, read_metrics
 from mmfed.server.app import deployed_app, prepared, server_app
 from mmfed.server.loop import Federation
+from mmfed.server.rounds import KeysAhead
 from mmfed.site.app import app as client_app
+from mmfed.site.runtime import evaluate_round
 
 SITES = 3
 FIRST_NODE = 101  # node FIRST_NODE + i - 1 speaks for site-i
@@ -64,6 +72,7 @@ class FakeGrid(Grid):
         self.delay: dict[Key, float] = {}  # seconds before the reply can be pulled
         self.corrupt: dict[Key, Corruption] = {}  # the reply's content, rewritten
         self.replies: dict[Key, list[Message]] = {}  # every reply delivered, by key
+        self.sent: Counter[tuple[int, str, int]] = Counter()  # (node, type, round)
         self._ready: dict[str, tuple[float, Message]] = {}  # message id -> (when, reply)
         self._run = Run.create_empty(1)
 
@@ -90,6 +99,7 @@ class FakeGrid(Grid):
             # (node, type) acts on every such message; (node, type, round) on one round's
             # (the schema's secure sum before round 1 uses the same stage types)
             keyed = (*key, int(msg.metadata.group_id or 0))
+            self.sent[keyed] += 1
             if key in self.silent or keyed in self.silent:
                 continue
             reply = self.app(msg, self.contexts[key[0]])
@@ -100,6 +110,10 @@ class FakeGrid(Grid):
             self._ready[msg.metadata.message_id] = (time.monotonic() + self.delay.get(key, 0),
                                                     reply)
         return ids
+
+    def trips(self, round_num: int) -> list[str]:
+        """The message types sent in a round, one per exchange (a trip), sorted."""
+        return sorted({t for (_, t, r) in self.sent if r == round_num})
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         now = time.monotonic()
@@ -191,8 +205,13 @@ def test_plain_round_all_sites_train_and_evaluate(fed: Path, tmp_path: Path) -> 
     assert statuses(line) == {f"site-{i}": "trained" for i in range(1, SITES + 1)}
     assert line["aggregation"] == {"participants": 3, "dropped": 0, "declined": 0,
                                    "secure": False, "private": False}
+    # the train replies evaluate the model they started from (here the initial one),
+    # and one trip after the last round evaluates the final model
+    assert line["local_model"] == 0
     for entry in line["sites"].values():
-        assert entry["local"]["num_examples"] > 0 and "auroc" in entry["local"]
+        for key in ("local", "local_final"):
+            assert entry[key]["num_examples"] > 0 and "auroc" in entry[key]
+    assert grid.trips(1) == [wire.EVALUATE, wire.TRAIN] and line["trips"] == 2
     assert line["bytes"]["up"] > 0 and line["bytes"]["down"] > 0
     assert federation.site_summary()["site-1"]["rounds_trained"] == 1
     # The new model is FedAvg as production computes it, from the updates the sites sent.
@@ -378,14 +397,201 @@ def test_secure_round_malformed_unmask_reply_is_a_failed_unmask(
     assert line["aggregation"]["participants"] == 3 and "aborted" not in line["aggregation"]
 
 
+# --------------------------------------------------------------------------- trips per round
+
+
+def _evaluated(cfg: RunConfig, fed: Path, state: dict[str, np.ndarray], schema: FeatureSchema
+               ) -> dict[str, dict[str, float]]:
+    """Each site's own evaluation of ``state``, as its ``evaluate`` handler computes it."""
+    return {f"site-{i}": evaluate_round(folder, cfg, schema, state)
+            for i, folder in enumerate(list_sites(fed), start=1)}
+
+
+def _saved(path: Path) -> tuple[dict[str, np.ndarray], FeatureSchema]:
+    saved = torch.load(path, weights_only=False)
+    return ({k: v.numpy() for k, v in saved["state_dict"].items()},
+            FeatureSchema.from_config(saved["schema"]))
+
+
+def test_plain_rounds_take_one_trip_and_report_every_models_local_figures(
+        fed: Path, tmp_path: Path) -> None:
+    """Local evaluation rides on the next train trip: one trip per plain round, plus
+    one for the final model; each round's model's figures reach metrics.jsonl."""
+    grid = FakeGrid(fed)
+    cfg = config(fed, rounds=3, federation__local_eval=True)
+    out = tmp_path / "run"
+    lines, _ = federate(grid, cfg, out)
+    assert [grid.trips(r) for r in (1, 2, 3)] == [[wire.TRAIN], [wire.TRAIN],
+                                                  [wire.EVALUATE, wire.TRAIN]]
+    assert all(grid.sent[(node(i), wire.TRAIN, r)] == 1
+               for i in range(1, SITES + 1) for r in (1, 2, 3))
+    assert [line["trips"] for line in lines] == [1, 1, 2]
+    assert [line["local_model"] for line in lines] == [0, 1, 2]
+    # round r's line: the sites' figures of the model of round r - 1, as they compute
+    # them; the last line also holds the final model's
+    state, schema = _saved(out / "model.pt")
+    initial = build_model(schema, cfg.model_spec(), seed=cfg["seed"])
+    models = [{k: v.detach().numpy() for k, v in initial.state_dict().items()}]
+    models += [_saved(out / "checkpoints" / f"round-{r:04d}.pt")[0] for r in (1, 2)]
+    for line, model_state in zip(lines, models, strict=True):
+        expected = _evaluated(cfg, fed, model_state, schema)
+        for site, entry in line["sites"].items():
+            assert entry["local"] == pytest.approx(expected[site], rel=1e-6), site
+    final = _evaluated(cfg, fed, state, schema)
+    for site, entry in lines[-1]["sites"].items():
+        assert entry["local_final"] == pytest.approx(final[site], rel=1e-6), site
+    # the report reads them as one series by model: round r's model at round r
+    data = RunData(path=out, rounds=lines, summary={}, config={})
+    expected_auroc = [_evaluated(cfg, fed, m, schema)["site-2"]["auroc"]
+                      for m in (*models[1:], state)]
+    assert data.site_series("site-2", "auroc", local=True) == pytest.approx(expected_auroc)
+
+
+def test_secure_rounds_after_the_first_take_three_trips(fed: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Round 1 advertises keys in its train replies (train, share, mask, unmask); its
+    unmask replies carry the keys for round 2, whose train trip then carries the
+    shares: train+share, mask, unmask+keys. The model is bit for bit the one the
+    classic path gives."""
+    grid = FakeGrid(fed)
+    cfg = config(fed, secagg__enabled=True, rounds=3, federation__local_eval=True)
+    lines, _ = federate(grid, cfg, tmp_path / "ahead")
+    classic = [wire.SECAGG_MASK, wire.SECAGG_SHARE, wire.SECAGG_UNMASK, wire.TRAIN]
+    assert grid.trips(1) == classic
+    assert grid.trips(2) == [wire.SECAGG_MASK, wire.SECAGG_UNMASK, wire.TRAIN]
+    assert grid.trips(3) == [wire.EVALUATE, wire.SECAGG_MASK, wire.SECAGG_UNMASK, wire.TRAIN]
+    assert [line["trips"] for line in lines] == [4, 3, 4]  # round 3: + the final model
+    for i in range(1, SITES + 1):
+        assert [grid.sent[(node(i), wire.SECAGG_SHARE, r)] for r in (1, 2, 3)] == [1, 0, 0]
+    for line in lines:
+        assert statuses(line) == {f"site-{i}": "trained" for i in range(1, SITES + 1)}
+        assert line["aggregation"]["participants"] == 3 and "aborted" not in line["aggregation"]
+        assert all("auroc" in entry["local"] for entry in line["sites"].values())
+    assert "secagg_share" in lines[0]["seconds"] and "secagg_share" not in lines[1]["seconds"]
+    assert all(lines[r]["bytes"]["up"] > 0 for r in range(3))
+    # rounds 1 and 2 ask for the next round's keys; the schema's sum (round 0) and the
+    # last round ask none
+    for i in range(1, SITES + 1):
+        unmasks = grid.replies[(node(i), wire.SECAGG_UNMASK)]
+        assert [wire.NEXT_KEYS in reply.content.config_records
+                for reply in unmasks] == [False, True, True, False]
+
+    with monkeypatch.context() as patched:  # the same run without keys ahead
+        patched.setattr(KeysAhead, "take", lambda self, round_num, nodes: None)
+        slow = FakeGrid(fed)
+        federate(slow, cfg, tmp_path / "classic")
+    assert [slow.trips(r) for r in (1, 2)] == [classic, classic]
+    for r in (1, 2, 3):
+        assert worst(model(tmp_path / "ahead", f"checkpoints/round-{r:04d}.pt"),
+                     model(tmp_path / "classic", f"checkpoints/round-{r:04d}.pt")) == 0.0
+
+
+def test_every_secure_round_has_fresh_keys_bound_to_it(fed: Path, tmp_path: Path) -> None:
+    grid = FakeGrid(fed)
+    federate(grid, config(fed, secagg__enabled=True, rounds=4), tmp_path / "run")
+    seen: list[bytes] = []
+    for i in range(1, SITES + 1):
+        # round 0 (the schema's moments) and round 1 advertise in their first reply
+        moments, first = (wire.public_keys_of(r.content)
+                          for r in (*grid.replies[(node(i), wire.MOMENTS)],
+                                    *grid.replies[(node(i), wire.TRAIN)][:1]))
+        seen += [moments["c_pk"], moments["s_pk"], first["c_pk"], first["s_pk"]]
+        unmasks = grid.replies[(node(i), wire.SECAGG_UNMASK)][1:]  # after the moments'
+        ahead = [wire.next_keys_of(reply.content) for reply in unmasks]
+        assert [a[0] if a else None for a in ahead] == [2, 3, 4, None]
+        seen += [key for a in ahead if a for key in a[1].values()]
+    assert len(seen) == len(set(seen)) == SITES * (4 + 2 * 3)  # never one key twice
+
+
+def test_secure_round_with_keys_ahead_recovers_a_site_that_drops_before_masking(
+        fed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """site-2 sends its shares with its train reply in round 2, then dies before
+    masking: the others' shares of its mask key remove its masks, and the model is
+    the classic path's, in which it dropped at the same point."""
+    cfg = config(fed, secagg__enabled=True, rounds=2, faults__drop=["site-2:2:mask"],
+                 privacy__min_cohort=2)
+    grid = FakeGrid(fed)
+    lines, _ = federate(grid, cfg, tmp_path / "ahead")
+    assert grid.trips(2) == [wire.SECAGG_MASK, wire.SECAGG_UNMASK, wire.TRAIN]
+    entry = lines[1]["sites"]["site-2"]
+    assert entry["status"] == "dropped" and entry["reason"].startswith("mask: ")
+    assert lines[1]["aggregation"]["participants"] == 2
+    assert "aborted" not in lines[1]["aggregation"]
+    with monkeypatch.context() as patched:
+        patched.setattr(KeysAhead, "take", lambda self, round_num, nodes: None)
+        federate(FakeGrid(fed), cfg, tmp_path / "classic")
+    assert worst(model(tmp_path / "ahead"), model(tmp_path / "classic")) == 0.0
+
+
+def test_a_site_that_drops_at_train_sends_the_next_round_down_the_classic_path(
+        fed: Path, tmp_path: Path) -> None:
+    """site-3 dies in round 2's train trip, after the others shared with it: round 2
+    still aggregates the other two; round 3 finds no keys of site-3 for it and runs
+    the classic path, and site-3 is back."""
+    cfg = config(fed, secagg__enabled=True, rounds=3, faults__drop=["site-3:2:train"],
+                 privacy__min_cohort=2)
+    grid = FakeGrid(fed)
+    lines, _ = federate(grid, cfg, tmp_path / "run")
+    assert wire.SECAGG_SHARE not in grid.trips(2) and wire.SECAGG_SHARE in grid.trips(3)
+    assert lines[1]["sites"]["site-3"]["status"] == "dropped"
+    assert lines[1]["aggregation"]["participants"] == 2
+    assert lines[2]["aggregation"]["participants"] == 3
+    assert [line["trips"] for line in lines] == [4, 3, 4]
+
+
+def test_a_resumed_run_never_uses_keys_advertised_before_the_restart(
+        fed: Path, tmp_path: Path) -> None:
+    """The server dies after round 1, when every site holds keys it made for round 2.
+    The resumed server knows none of them: round 2 runs the classic path with new
+    keys, and the run ends on the uninterrupted run's model."""
+    cfg = config(fed, secagg__enabled=True, rounds=3)
+    out = tmp_path / "run"
+    grid = FakeGrid(fed)
+
+    def crash(line: dict[str, Any]) -> None:
+        raise RuntimeError("server killed")
+
+    with pytest.raises(RuntimeError, match="server killed"):
+        federate(grid, cfg, out, on_round=crash)
+    stale = {}
+    for i in range(1, SITES + 1):
+        [reply] = grid.replies[(node(i), wire.SECAGG_UNMASK)][1:]
+        ahead = wire.next_keys_of(reply.content)
+        assert ahead is not None and ahead[0] == 2
+        stale[i] = ahead[1]
+    point = find_resume_point(out, cfg)
+    assert point is not None and point.round == 1
+    truncate_metrics(out, point)
+    before = {key: len(replies) for key, replies in grid.replies.items()}
+    resumed = Federation(grid, cfg, RunDir(out, fresh=False), expected_sites=SITES)
+    resumed.resume_point = point
+    resumed.run_rounds()
+    assert SITES * [1] == [grid.sent[(node(i), wire.SECAGG_SHARE, 2)] for i in
+                           range(1, SITES + 1)]
+    assert wire.SECAGG_SHARE not in grid.trips(3)  # keys made after the restart: used
+    for i in range(1, SITES + 1):
+        train = grid.replies[(node(i), wire.TRAIN)][before[(node(i), wire.TRAIN)]]
+        fresh = wire.public_keys_of(train.content)
+        assert not set(fresh.values()) & set(stale[i].values())
+    lines = read_metrics(out)
+    assert [line["round"] for line in lines] == [1, 2, 3]
+    assert [line["trips"] for line in lines] == [4, 4, 3]
+    federate(FakeGrid(fed), cfg, tmp_path / "straight")
+    assert worst(model(out), model(tmp_path / "straight")) == 0.0
+
+
 # --------------------------------------------------------------------------- deadlines
 
 
 def test_local_evaluation_ends_with_the_round(fed: Path, tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
     """A site that never answers local evaluation does not hold the round past its
-    deadline: local evaluation waits only for what is left of the round."""
-    timeout = 3.0
+    deadline: local evaluation waits only for what is left of the round.
+
+    The train trip also evaluates the model it carries at every site, so the timeout
+    leaves room for that on a loaded machine (the sites run one after another here)."""
+    timeout = 6.0
     grid = FakeGrid(fed)
     for i in range(1, SITES + 1):
         grid.delay[(node(i), wire.TRAIN)] = 1.0  # training takes a second of the round
@@ -393,10 +599,11 @@ def test_local_evaluation_ends_with_the_round(fed: Path, tmp_path: Path,
     cfg = config(fed, federation__local_eval=True, federation__round_timeout=timeout)
     with caplog.at_level(logging.WARNING, logger="mmfed"):
         [line], _ = federate(grid, cfg, tmp_path / "run")
-    # A full timeout of its own for local evaluation would make this 1 s + 3 s.
+    # A full timeout of its own for local evaluation would make this 1 s + 6 s.
     assert line["seconds"]["round"] < timeout + 0.75, line["seconds"]
-    assert "local" not in line["sites"]["site-3"]
-    assert all("local" in line["sites"][s] for s in ("site-1", "site-2"))
+    assert "local_final" not in line["sites"]["site-3"]
+    assert all("local_final" in line["sites"][s] for s in ("site-1", "site-2"))
+    assert all("local" in entry for entry in line["sites"].values())  # with training
     assert "local evaluation at site-3 failed: no reply within" in caplog.text
 
 

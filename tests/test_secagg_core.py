@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from mmfed.errors import MmfedError
 from mmfed.secagg import (
+    RoundKeys,
     SecAggAborted,
     SecAggClient,
     SecAggError,
@@ -629,3 +630,34 @@ def test_masking_50k_coordinates_for_20_neighbours_is_fast():
         clients[i].masked_input(routed[i], update, 1000)
         times.append(time.perf_counter() - start)
     assert min(times) < 0.1
+
+
+def test_keys_made_ahead_serve_exactly_their_round():
+    """Key pairs made before the round's parameters (sent with the previous round's
+    last reply) run the round as a client's own would, survive the site's state, and
+    are refused for any other round or run."""
+    ids = [1, 2, 3, 4]
+    params = make_params(ids, d=16)
+    updates, counts = make_data(ids, 16, 1.0, 3)
+    ahead = {i: RoundKeys.from_state(RoundKeys.generate("run-a", 1).to_state()) for i in ids}
+    clients = {i: SecAggClient(params, i, ahead[i]) for i in ids}
+    server = SecAggServer(params)
+    pks = server.collect_keys({i: ahead[i].public() for i in ids})
+    assert all(clients[i].advertise() == ahead[i].public() for i in ids)
+    routed = server.route({i: c.share_keys(pks) for i, c in clients.items()})
+    masked = {i: clients[i].masked_input(routed[i], updates[i], counts[i]) for i in (1, 2, 3)}
+    survivors, dropped = server.unmask_request(masked)
+    reveals = {i: clients[i].unmask(survivors, dropped) for i in survivors}
+    mean, _, used = server.aggregate(masked, reveals)
+    assert used == [1, 2, 3]  # 4 dropped after sharing: its masks are removed
+    total = sum(counts[i] for i in used)
+    expected = sum(np.clip(updates[i], -1, 1) * counts[i] for i in used) / total
+    assert np.abs(mean - expected).max() < 1e-4
+    keys = [k for r in ahead.values() for k in r.public().values()]
+    assert len(set(keys)) == len(keys)  # fresh pairs for every site
+    with pytest.raises(SecAggError, match="not round 2"):
+        SecAggClient(make_params(ids, round_=2), 1, ahead[1])
+    with pytest.raises(SecAggError, match="run 'run-b'"):
+        SecAggClient(make_params(ids, run_id="run-b"), 1, ahead[1])
+    with pytest.raises(SecAggError, match="corrupt"):
+        RoundKeys.from_state(b'{"run_id": "run-a", "round": 1, "c_sk": "00", "s_sk": "00"}')

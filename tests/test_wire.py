@@ -142,3 +142,31 @@ def test_cohort_and_refusals_round_trip() -> None:
     assert wire.declined_of(refusal) == "declined: too few sites"
     assert wire.site_of(refusal) == ("site-2", {})
     assert wire.declined_of(wire.reply_content("site-2")) is None
+
+
+def test_keys_ahead_and_local_figures_round_trip() -> None:
+    payload = wire.unmask_request([0, 2], [1], next_round=6)
+    assert wire.unmask_request_of(payload) == ([0, 2], [1])
+    assert wire.next_round_of(payload) == 6
+    assert wire.next_round_of(wire.unmask_request([0, 2], [1])) is None
+    keys = {"c_pk": b"c" * 32, "s_pk": b"s" * 32}
+    reply = RecordDict({wire.NEXT_KEYS: wire.next_keys(6, keys)})
+    assert wire.next_keys_of(reply) == (6, keys)
+    assert wire.next_keys_of(RecordDict()) is None
+    bad = RecordDict({wire.NEXT_KEYS: ConfigRecord({"round": 6, "c_pk": "text", "s_pk": b""})})
+    with pytest.raises(wire.WireError, match="next-round public keys"):
+        wire.next_keys_of(bad)
+    peers = {0: keys, 3: {"c_pk": b"C" * 32, "s_pk": b"S" * 32}}
+    plain = wire.request(RunConfig(), 3, schema(), {"w": np.zeros(2, dtype=np.float32)})
+    request = wire.SecAggRequest(params(), 0)
+    assert wire.peers_of(wire.with_secagg(plain, request, peers)) == peers
+    assert wire.peers_of(wire.with_secagg(plain, request)) is None
+    assert wire.secagg_request_of(wire.with_secagg(plain, request, peers)) == request
+    content = wire.reply_content("site-1", metrics={"num_examples": 4, "train_loss": 0.5})
+    content[wire.LOCAL] = wire.local_figures({"auroc": 0.75, "num_examples": 5})
+    assert wire.local_of(content) == {"auroc": 0.75, "num_examples": 5.0}
+    assert wire.metrics_of(content) == {"num_examples": 4.0, "train_loss": 0.5}
+    assert wire.local_of(wire.reply_content("site-1")) is None
+    refusal = wire.declined("declined: too few sites", local={"auroc": 0.5})
+    assert wire.declined_of(refusal) == "declined: too few sites"
+    assert wire.local_of(refusal) == {"auroc": 0.5}

@@ -1,4 +1,9 @@
-"""``mmfed client``: one hospital's SuperNode, started only on data that checks clean.
+"""``mmfed client``: one hospital's site node, started only on data that checks clean.
+
+It supervises ``mmfed.deploy.node``, the one long-lived process that reads the site's
+data and talks to the SuperLink (no Flower SuperNode, no per-message app processes,
+no local port: see that module for why). A node that lost its server is restarted
+once the server answers again; one that crashed is reported, never retried blindly.
 
 Refusals are made as early and as plainly as possible: bad site data, an unreadable
 or world-readable key, a bad address or a busy port stop the command before anything
@@ -28,10 +33,7 @@ from mmfed.deploy.processes import (
     ChildDied,
     StopRequested,
     Supervisor,
-    check_port_free,
     child_env,
-    flower_executable,
-    free_port,
     join_host_port,
     last_meaningful,
     parse_host_port,
@@ -53,8 +55,8 @@ class ServerUntrusted(MmfedError):
     """The server's certificate does not verify against the site's CA."""
 
 
-class Reconnect(Exception):
-    """The SuperLink forgot this node (a new ``mmfed server`` has fresh state): start over."""
+CRASH_WINDOW = 120.0  # seconds: more than MAX_CRASHES node crashes within it end the client
+MAX_CRASHES = 3
 
 
 @dataclass
@@ -68,7 +70,6 @@ class ClientPlan:
     fingerprint: str | None
     policy: Path | None
     ledger_dir: Path
-    runtime_port: int
     wait_admission: float
     wait_server: float
     verbose: bool
@@ -93,6 +94,7 @@ def validate_site(folder: Path) -> str:
 
 
 def plan_from_args(args: argparse.Namespace) -> ClientPlan:
+    from mmfed.deploy.release import load_approval
     from mmfed.privacy.policy import load_policy
 
     host, port = parse_host_port(args.server)
@@ -118,18 +120,15 @@ def plan_from_args(args: argparse.Namespace) -> ClientPlan:
     if args.policy is not None:
         policy = Path(args.policy).expanduser().resolve()
         load_policy(policy)  # refuse a bad policy now, not at the first round
+        load_approval(policy)
     ledger = ledger_dir(args.ledger_dir or "").resolve()
     try:
         ledger.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{ledger}: cannot create the privacy ledger folder "
                           f"({exc.strerror})") from None
-    runtime_port = args.runtime_port if args.runtime_port is not None else free_port()
-    if not 0 < runtime_port < 65536:
-        raise UsageError(f"--runtime-port {runtime_port}: must be between 1 and 65535")
-    check_port_free("127.0.0.1", runtime_port, "--runtime-port")
     return ClientPlan(name, data, host, port, ca, key, fingerprint, policy, ledger,
-                      runtime_port, float(args.wait_admission), float(args.wait_server),
+                      float(args.wait_admission), float(args.wait_server),
                       bool(args.verbose),
                       Path(args.log).expanduser().resolve() if args.log else None)
 
@@ -169,8 +168,10 @@ def probe_server(plan: ClientPlan) -> None:
             time.sleep(2.0)
 
 
-def node_config_file(plan: ClientPlan, folder: Path) -> Path:
-    """Node config as a TOML file, so any path (spaces, quotes) survives intact."""
+def node_plan_file(plan: ClientPlan, folder: Path) -> Path:
+    """What the site node needs, as a private file: any path (spaces, quotes) survives."""
+    from mmfed.deploy.node import NodePlan
+
     policy = plan.policy
     if policy is None:
         # mmfed's default site policy: DP on, ε = 8, δ = 1e-5 (the server can only tighten)
@@ -178,26 +179,16 @@ def node_config_file(plan: ClientPlan, folder: Path) -> Path:
 
         policy = folder / "default-policy.toml"
         policy.write_text(tomli_w.dumps(PrivacyPolicy().as_dict()), encoding="utf-8")
-    path = folder / "node-config.toml"
-    path.write_text(tomli_w.dumps({"data-dir": str(plan.data), "policy": str(policy),
-                                   "ledger-dir": str(plan.ledger_dir)}), encoding="utf-8")
+    path = folder / "node-plan.json"
+    NodePlan(plan.site, str(plan.data), join_host_port(plan.host, plan.port),
+             str(plan.ca) if plan.ca else None, str(plan.key) if plan.key else None,
+             str(policy), str(plan.ledger_dir), plan.verbose).write(path)
     return path
 
 
-def supernode_argv(plan: ClientPlan, node_config: Path) -> list[str]:
-    argv = [flower_executable("flower-supernode"), "--superlink",
-            join_host_port(plan.host, plan.port), "--node-config", str(node_config),
-            "--host", "127.0.0.1", "--port", str(plan.runtime_port),
-            "--isolation", "subprocess"]
-    if plan.ca is not None and plan.key is not None:
-        argv += ["--root-certificates", str(plan.ca), "--auth-supernode-private-key",
-                 str(plan.key)]
-    else:
-        argv += ["--insecure"]
-    return argv
-
-
 def run_client(plan: ClientPlan) -> int:
+    from mmfed.deploy import node as site_node
+
     address = join_host_port(plan.host, plan.port)
     if plan.ca is None:
         say(plan.site, f"WARNING: --insecure: plain-text connection to {address}; model "
@@ -210,23 +201,42 @@ def run_client(plan: ClientPlan) -> int:
         with tempfile.TemporaryDirectory(prefix=f"mmfed-client-{plan.site}-") as tmp, \
                 stop_signals(), Supervisor() as sup:
             folder = Path(tmp)
-            node_config = node_config_file(plan, folder)
+            folder.chmod(0o700)
+            plan_file = node_plan_file(plan, folder)
             env = child_env({"FLWR_HOME": str(folder / "flwr-home")})
             admission_deadline = time.monotonic() + plan.wait_admission
+            crashes: list[float] = []
             while True:
-                node, state = _start(sup, plan, node_config, env, folder)
-                outcome = _follow(sup, node, folder)
-                if outcome is Reconnect and state["connected"]:
-                    say(plan.site, "the server no longer knows this node (restarted for a "
-                        "new run?); reconnecting")
-                    admission_deadline = time.monotonic() + plan.wait_admission
-                    time.sleep(1.0)
+                node, state = _start(sup, plan, plan_file, env, folder)
+                code = _follow(sup, node)
+                if code not in site_node.EXIT_CODES:
+                    # A crash (a bug, the OOM killer): everything the node keeps across
+                    # rounds is rebuilt from disk (ledger, release copies, audit log are
+                    # written atomically), so a new node continues where it stopped.
+                    now = time.monotonic()
+                    crashes = [t for t in crashes if now - t < CRASH_WINDOW] + [now]
+                    if len(crashes) > MAX_CRASHES:
+                        raise ChildDied(node, f"crashed {len(crashes)} times within "
+                                        f"{CRASH_WINDOW:.0f} s; not restarting it again")
+                    say(plan.site, f"the site node (pid {node.pid}) died unexpectedly "
+                        f"(code {code}); restarting it")
                     continue
-                if outcome is Reconnect:
-                    outcome = ChildDied(node)
-                if outcome is not NotAdmitted:
-                    assert isinstance(outcome, BaseException)
-                    raise outcome
+                if code == site_node.EXIT_LOST:
+                    if state["connected"]:
+                        say(plan.site, "the server is gone (restarted for a new run?); "
+                            "reconnecting")
+                    with stop_signals():
+                        probe_server(plan)
+                    admission_deadline = time.monotonic() + plan.wait_admission
+                    continue
+                if code == site_node.EXIT_UNTRUSTED:
+                    raise ServerUntrusted(f"TLS with the server failed: "
+                                          f"{last_meaningful(node.tail)}")
+                if code == site_node.EXIT_BAD_SETUP:  # it said why in its last line
+                    raise MmfedError(last_meaningful(node.tail).removeprefix(
+                        "mmfed: error: "))
+                if code != site_node.EXIT_NOT_ADMITTED:
+                    raise ChildDied(node)
                 if state["connected"]:  # admitted before: a restarted server re-registers
                     admission_deadline = time.monotonic() + plan.wait_admission
                 if time.monotonic() >= admission_deadline:
@@ -234,57 +244,48 @@ def run_client(plan: ClientPlan) -> int:
                         f"the server at {address} refused site {plan.site}: its key "
                         f"({plan.fingerprint}) is not admitted; the server operator must "
                         f"start `mmfed server` with --admit {plan.site}.pub")
-                say(plan.site, "not admitted (yet); retrying in 3 s")
-                time.sleep(3.0)
+                say(plan.site, "not admitted (yet); retrying in 2 s")
+                time.sleep(2.0)
     except StopRequested:
-        say(plan.site, "stopped; the SuperNode and its apps have exited")
+        say(plan.site, "stopped; the site node has exited")
         return 0
 
 
-def _start(sup: Supervisor, plan: ClientPlan, node_config: Path, env: dict[str, str],
+def _start(sup: Supervisor, plan: ClientPlan, plan_file: Path, env: dict[str, str],
            folder: Path) -> tuple[Child, dict[str, bool]]:
+    from mmfed.deploy.node import CONNECTED
+
     state: dict[str, bool] = {"connected": False}
 
     def on_line(line: str) -> None:
         text = strip_ansi(line).strip()
-        if plan.verbose:
-            print(f"[{plan.site}] {text}", file=sys.stderr, flush=True)
-        elif "SuperNode ID:" in text and not state["connected"]:
+        if text.startswith(CONNECTED):
+            say(plan.site, f"connected to {join_host_port(plan.host, plan.port)} as "
+                f"node {text.rsplit(' ', 1)[-1]} (data {plan.data})")
             state["connected"] = True
-            say(plan.site, f"connected to {join_host_port(plan.host, plan.port)} as node "
-                f"{text.rsplit(':', 1)[-1].strip()} (data {plan.data})")
-        elif "WARNING" in text and "Connection attempt failed" in text:
-            pass  # Flower retries by itself; the server may just be restarting
-        elif "ERROR" in text:
-            print(f"mmfed client {plan.site}: flower: {text}", file=sys.stderr, flush=True)
+        elif plan.verbose:
+            print(f"[{plan.site}] {text}", file=sys.stderr, flush=True)
+        elif text.startswith(("mmfed client", "mmfed: error")):
+            print(text, file=sys.stderr, flush=True)
+        # Flower's own lines (retries, the connection errors the node recovers from) stay
+        # in the log; a node that cannot recover says why itself, and is quoted on exit.
 
-    child = sup.spawn("SuperNode", supernode_argv(plan, node_config), env=env,
-                      log_path=plan.log_file or folder / "supernode.log", on_line=on_line,
+    child = sup.spawn("site node", [sys.executable, "-m", "mmfed.deploy.node", "--plan",
+                                    str(plan_file)], env=env,
+                      log_path=plan.log_file or folder / "node.log", on_line=on_line,
                       cwd=folder)
     return child, state
 
 
-def _follow(sup: Supervisor, node: Child, folder: Path
-            ) -> BaseException | type[NotAdmitted] | type[Reconnect]:
-    """Wait for the SuperNode to end; classify why."""
+def _follow(sup: Supervisor, node: Child) -> int:
+    """Wait for the site node to end; its exit code says why."""
     while node.running():
         sup.reap_orphans()
-        time.sleep(0.5)
+        time.sleep(0.2)
     if node.reader is not None:
         node.reader.join(timeout=2.0)
-    text = "\n".join(strip_ansi(line) for line in node.tail)
-    if any(marker in text for marker in NOT_ADMITTED):
-        return NotAdmitted
-    if "CERTIFICATE_VERIFY_FAILED" in text or ("SSL" in text and "handshake" in text):
-        return ServerUntrusted(f"TLS with the server failed: {last_meaningful(node.tail)}")
     code = node.proc.poll()
-    if code is not None and code >= 0 and (code == 0 or "401 Unauthorized" in text):
-        # Flower 1.41 ends a SuperNode (exit 0, or an HTTP 401) when the SuperLink no
-        # longer knows its node id; the caller reconnects if it had been connected
-        return Reconnect
-    if node.log_path is not None and node.log_path.parent == folder:
-        node.log_path = None  # a temporary folder about to go: the reason is quoted instead
-    return ChildDied(node)
+    return -1 if code is None else code
 
 
 def client_from_args(args: argparse.Namespace) -> int:

@@ -137,21 +137,11 @@ def plan_from_args(args: argparse.Namespace) -> ServerPlan:
 
 
 def app_pyproject(cfg: RunConfig) -> str:
-    """A minimal Flower app: mmfed's components and the fully resolved run config.
+    """The app this server ships: mmfed's components and the fully resolved run config
+    (see :func:`mmfed.deploy.release.deployment_pyproject`)."""
+    from mmfed.deploy.release import deployment_pyproject
 
-    The whole config travels as the app's defaults (not ``--run-config`` overrides),
-    because Flower only accepts overrides for keys the app already declares.
-    """
-    app = {"publisher": "mmfed",
-           "components": {"serverapp": "mmfed.server.deployed:app",
-                          "clientapp": "mmfed.site.app:app"},
-           "config": unflatten(cfg.to_flower())}
-    return tomli_w.dumps({
-        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "mmfed-deployment", "version": "1.0.0",
-                    "description": "mmfed federated run submitted by mmfed server",
-                    "license": "Apache-2.0", "dependencies": []},
-        "tool": {"flwr": {"app": app}}})
+    return deployment_pyproject(unflatten(cfg.to_flower()))
 
 
 def flower_config(address: str, ca: Path | None) -> str:
@@ -267,6 +257,10 @@ def serve(plan: ServerPlan, *, live: bool | None = None) -> int:
             app_dir = Path(tmp) / "app"
             app_dir.mkdir()
             (app_dir / "pyproject.toml").write_text(app_pyproject(cfg), encoding="utf-8")
+            from mmfed.deploy.release import path_hash, short
+
+            say(f"shipping app {short(path_hash(app_dir))} (mmfed's own release; sites "
+                "serve it only if it is theirs or in their approved list)")
             errors: list[str] = []
 
             def on_line(line: str) -> None:

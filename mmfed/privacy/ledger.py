@@ -4,7 +4,9 @@ One JSON-lines file per dataset fingerprint, outside any run directory, rewritte
 atomically (temporary file, fsync, rename) under an exclusive lock. An entry is
 written before the update leaves the site, so a crash can only over-count spending,
 never under-count it. The ledger stores the (σ, q, steps) events themselves; ε is
-recomputed from them, so restarts compose exactly.
+recomputed from them, so restarts compose exactly. Each entry is also appended to the
+folder's tamper-evident audit trail (``mmfed.privacy.audit``), which a ledger rewritten
+in place cannot be.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from mmfed.errors import DataError
 from mmfed.files import PRIVATE_FILE, atomic_write_bytes, private_dir
 from mmfed.privacy.accounting import Event, epsilon_of
+from mmfed.privacy.audit import AuditLog
 
 DEFAULT_LEDGER_DIR = Path("~/.mmfed/privacy-ledger")
 # Where the ledger lives when no config names one: lets a container image or a test
@@ -129,7 +132,8 @@ class PrivacyLedger:
 
     def record(self, *, run_id: str, round_num: int, event: Event, delta: float,
                accountant: str, site: str) -> Entry:
-        """Append one release durably; ε after it is recomputed from the full history."""
+        """Append one release durably, and to the folder's audit trail; ε after it is
+        recomputed from the full history."""
         with self._locked():
             existing = self._read()
             history = [(float(r["sigma"]), float(r["sample_rate"]), int(r["steps"]))
@@ -141,4 +145,9 @@ class PrivacyLedger:
                       "delta": delta, "accountant": accountant, "time": time.time()}
             text = "".join(json.dumps(r) + "\n" for r in [*existing, record])
             atomic_write_bytes(self.path, text.encode(), private=True)
+            # Still under the ledger's lock, so the trail lists one dataset's releases in
+            # ledger order. If this fails the record fails and the update is not sent:
+            # no release leaves the site without its audit entry (the ledger then
+            # over-counts, as after any crash).
+            AuditLog(self.directory).release(record)
         return self.entries()[-1]

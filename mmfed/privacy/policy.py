@@ -66,6 +66,7 @@ def load_policy(path: Path | str) -> PrivacyPolicy:
         raise ConfigError(f"{path}: cannot read privacy policy ({exc})") from None
     except ValueError as exc:  # TOMLDecodeError, or an integer too long for int()
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    tree.pop("apps", None)  # which apps the site serves: mmfed.deploy.release reads it
     values = tree.get("privacy", tree)
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: [privacy] must be a table")

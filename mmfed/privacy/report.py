@@ -7,6 +7,9 @@ from pathlib import Path
 
 from mmfed.errors import DataError
 from mmfed.privacy.accounting import epsilon_of
+from mmfed.privacy.audit import LOG_NAME
+from mmfed.privacy.audit import summary as audit_summary
+from mmfed.privacy.audit import verify as verify_audit
 from mmfed.privacy.ledger import PrivacyLedger, ledger_dir, site_fingerprint
 
 
@@ -17,8 +20,9 @@ def show_ledger(site: Path, directory: str, delta: float | None,
     ledger = PrivacyLedger(ledger_dir(directory), site_fingerprint(site))
     entries = ledger.entries()
     if not entries:
-        return (f"{site}: no privacy spending recorded (ledger {ledger.path}; data "
-                f"fingerprint {ledger.fingerprint[:16]}…)")
+        return "\n".join([f"{site}: no privacy spending recorded (ledger {ledger.path}; "
+                          f"data fingerprint {ledger.fingerprint[:16]}…)",
+                          *_audit_line(ledger.directory)])
     delta = delta if delta is not None else entries[-1].delta
     accountant = accountant or entries[-1].accountant
     lines = [f"{site}: privacy ledger {ledger.path}",
@@ -32,4 +36,13 @@ def show_ledger(site: Path, directory: str, delta: float | None,
     total = epsilon_of(ledger.history(), delta, accountant)
     lines.append(f"total: epsilon = {total:.4f} at delta = {delta:g} ({accountant} accountant, "
                  "recomputed from every release)")
+    lines.extend(_audit_line(ledger.directory))
     return "\n".join(lines)
+
+
+def _audit_line(folder: Path) -> list[str]:
+    """Whether the folder's audit trail holds, so a reader of the spending history
+    learns when the record of it has been tampered with."""
+    if not (folder / LOG_NAME).exists():
+        return []
+    return [audit_summary(verify_audit(folder))]

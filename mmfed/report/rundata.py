@@ -175,14 +175,31 @@ class RunData:
         return entry if isinstance(entry, dict) else {}
 
     def site_series(self, site: str, key: str, local: bool = False) -> list[float]:
-        """One figure of one site per round (``local``: its own validation metrics)."""
-        out = []
+        """One figure of one site per round (``local``: its own validation metrics of
+        that round's model, see ``local_figures``)."""
+        if local:
+            by_model = self.local_figures(site)
+            return [number(by_model.get(r, {}).get(key)) for r in self.round_numbers]
+        return [number(self.site_entry(line, site).get(key)) for line in self.rounds]
+
+    def local_figures(self, site: str) -> dict[int, dict[str, Any]]:
+        """The site's local evaluation of each round's model, by round.
+
+        A train reply evaluates the model its request carried, so round r's line holds
+        the figures of the model of round ``local_model`` (r - 1; 0 is the initial
+        model) and the last line the final model's as ``local_final``. Lines without
+        ``local_model`` (older runs) hold their own round's model's figures.
+        """
+        out: dict[int, dict[str, Any]] = {}
         for line in self.rounds:
             entry = self.site_entry(line, site)
-            if local:
-                sub = entry.get("local")
-                entry = sub if isinstance(sub, dict) else {}
-            out.append(number(entry.get(key)))
+            model = line.get("local_model", line["round"])
+            figures = entry.get("local")
+            if isinstance(figures, dict) and isinstance(model, int):
+                out[int(model)] = figures
+            final = entry.get("local_final")
+            if isinstance(final, dict):
+                out[int(line["round"])] = final
         return out
 
     def status_counts(self) -> dict[str, list[int]]:

@@ -172,6 +172,11 @@ def privacy_section(data: RunData, out: Path) -> Section:
                          *(info.get(f"rounds_{s}", "–") for s in STATUSES)])
         body += table(["site", "final ε", "δ", "ε budget", "rounds trained", "rounds declined",
                        "rounds dropped"], rows, "Privacy by site", "table-privacy")
+        body += para("These figures are what the sites reported. Each site's own record "
+                     "is at the site: its privacy ledger, and its hash-chained audit trail "
+                     "of every request it served or refused and every release it made "
+                     "(audit.jsonl in its privacy folder; check it there with "
+                     "`mmfed audit verify DIR`).")
     return Section("privacy", "Privacy", body)
 
 

@@ -34,6 +34,7 @@ class PreparedRun:
     cfg: RunConfig
     run: RunDir
     resume: ResumePoint | None = None
+    admitted: dict[int, str] | None = None  # node id -> the site its key was admitted as
 
 
 def default_out(kind: str) -> Path:
@@ -174,4 +175,26 @@ def prepare_submitted(run_config: Mapping[str, Any]) -> PreparedRun:
     point = find_resume_point(run.path, cfg)
     if point is not None:
         truncate_metrics(run.path, point)
-    return PreparedRun(cfg, run, point)
+    return PreparedRun(cfg, run, point, admitted_nodes(run.path))
+
+
+def admitted_nodes(run_path: Path) -> dict[int, str] | None:
+    """Which site each node's key was admitted as, from ``deployment.json`` (written by
+    ``mmfed server`` when it registered the keys); None where sites are not
+    authenticated (``--insecure``), since a node's name is then all there is."""
+    import json
+
+    try:
+        record = json.loads((run_path / "deployment.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise MmfedError(f"{run_path / 'deployment.json'}: unreadable ({exc})") from None
+    if not record.get("supernode_auth"):
+        return None
+    try:
+        return {int(entry["node_id"]): str(entry["site"]) for entry in record["admitted"]
+                if entry.get("node_id") is not None}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MmfedError(f"{run_path / 'deployment.json'}: malformed admission record "
+                         f"({exc})") from None

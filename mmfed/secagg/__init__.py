@@ -10,6 +10,7 @@ See :mod:`mmfed.secagg.protocol` for the threat model.
 from mmfed.secagg.errors import SecAggAborted, SecAggError
 from mmfed.secagg.prg import expand
 from mmfed.secagg.protocol import (
+    RoundKeys,
     SecAggClient,
     SecAggParams,
     SecAggServer,
@@ -32,6 +33,7 @@ from mmfed.secagg.quantize import (
 from mmfed.secagg.shamir import decode_share, encode_share, reconstruct, split
 
 __all__ = [
+    "RoundKeys",
     "SecAggAborted",
     "SecAggClient",
     "SecAggError",

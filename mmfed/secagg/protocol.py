@@ -28,7 +28,9 @@ Round flow (one ``SecAggClient`` per site and one ``SecAggServer`` per round)
 Key freshness: every ``SecAggClient`` generates new X25519 key pairs and a new self-mask
 seed, and is single-use (each stage runs once, in order). A round that reconstructs a
 dropped site's mask key therefore never exposes a key used in any other round; callers
-must create a new client per round and never persist or reuse one.
+must create a new client per round and never persist or reuse one. Key pairs made
+ahead for the next round (``RoundKeys``, so that a round can start at step 2) are
+equally single-use: bound to one round of one run, and refused for any other.
 """
 
 from __future__ import annotations
@@ -61,8 +63,11 @@ from mmfed.secagg.quantize import (
 
 _B_TAG = b"\x01"  # reveal of a survivor's self-mask seed share
 _S_TAG = b"\x02"  # reveal of a dropped site's mask-key share
-_REVEAL_BYTES = 1 + shamir.SHARE_BYTES
-_PAYLOAD_BYTES = 2 * shamir.SHARE_BYTES
+# A share travels as its value alone (``shamir.encode_value``): its x is the holder's,
+# which the recipient of a ciphertext (the holder itself) and the server (who knows who
+# revealed it) both know, and the ciphertext's associated data binds its recipient.
+_REVEAL_BYTES = 1 + shamir.Y_BYTES
+_PAYLOAD_BYTES = 2 * shamir.Y_BYTES
 
 
 @dataclass(frozen=True)
@@ -288,10 +293,70 @@ def _check_id_list(values: Iterable[int], what: str) -> list[int]:
     return out
 
 
-class SecAggClient:
-    """One site's side of one round; create a new one every round (keys are single-use)."""
+@dataclass(frozen=True)
+class RoundKeys:
+    """A site's two key pairs for one future round, made before that round's parameters.
 
-    def __init__(self, params: SecAggParams, my_id: int) -> None:
+    Advertising keys is the first step of every round, and it needs nothing from the
+    round's parameters: so a site can make the next round's key pairs at the end of
+    this one and advertise them with its last reply, and the next round can start at
+    the share step. The pairs are as fresh as ``SecAggClient``'s own (new X25519 keys,
+    made for one round of one run and used by one client), and ``SecAggClient`` refuses
+    them for any other round or run. They hold private keys: kept in the site's own
+    state only, like ``client_to_state``'s blob.
+    """
+
+    run_id: str
+    round: int
+    c_sk: bytes
+    s_sk: bytes
+
+    @staticmethod
+    def generate(run_id: str, round_: int) -> RoundKeys:
+        if not isinstance(run_id, str) or not run_id or not _is_int(round_) \
+                or not 0 <= round_ < 2**64:
+            raise SecAggError(f"round keys need a run id and a round, got {run_id!r}, "
+                              f"{round_!r}")
+        c_sk, _ = keys.generate_keypair()
+        s_sk, _ = keys.generate_keypair()
+        return RoundKeys(run_id, round_, keys.private_bytes(c_sk), keys.private_bytes(s_sk))
+
+    def public(self) -> dict[str, bytes]:
+        """What the site advertises: the two public keys."""
+        return {"c_pk": keys.public_bytes(keys.load_private(self.c_sk)),
+                "s_pk": keys.public_bytes(keys.load_private(self.s_sk))}
+
+    def to_state(self) -> bytes:
+        import json
+
+        return json.dumps({"run_id": self.run_id, "round": self.round,
+                           "c_sk": self.c_sk.hex(), "s_sk": self.s_sk.hex()}).encode()
+
+    @staticmethod
+    def from_state(data: bytes) -> RoundKeys:
+        """Inverse of ``to_state``; anything inconsistent is a SecAggError."""
+        import json
+
+        try:
+            blob = json.loads(data)
+            out = RoundKeys(str(blob["run_id"]), int(blob["round"]),
+                            bytes.fromhex(blob["c_sk"]), bytes.fromhex(blob["s_sk"]))
+            keys.load_private(out.c_sk)
+            keys.load_private(out.s_sk)
+        except (KeyError, TypeError, ValueError, SecAggError) as exc:
+            raise SecAggError(f"corrupt secure-aggregation round keys ({exc})") from None
+        return out
+
+
+class SecAggClient:
+    """One site's side of one round; create a new one every round (keys are single-use).
+
+    ``round_keys``: the key pairs the site made and advertised ahead for this round
+    (``RoundKeys``); without them the client makes its own.
+    """
+
+    def __init__(self, params: SecAggParams, my_id: int,
+                 round_keys: RoundKeys | None = None) -> None:
         params.validate()
         if my_id not in params.site_ids:
             raise SecAggError(f"site {my_id} is not in this round's site_ids")
@@ -302,8 +367,18 @@ class SecAggClient:
         self._stage = "new"
         self._c_sk: X25519PrivateKey | None
         self._s_sk: X25519PrivateKey | None
-        self._c_sk, self._c_pk = keys.generate_keypair()
-        self._s_sk, self._s_pk = keys.generate_keypair()
+        if round_keys is None:
+            self._c_sk, self._c_pk = keys.generate_keypair()
+            self._s_sk, self._s_pk = keys.generate_keypair()
+        else:
+            if (round_keys.run_id, round_keys.round) != (params.run_id, params.round):
+                raise SecAggError(
+                    f"site {my_id}: keys made for round {round_keys.round} of run "
+                    f"{round_keys.run_id!r}, not round {params.round} of run "
+                    f"{params.run_id!r}; keys are never used for another round")
+            self._c_sk = keys.load_private(round_keys.c_sk)
+            self._s_sk = keys.load_private(round_keys.s_sk)
+            self._c_pk, self._s_pk = keys.public_bytes(self._c_sk), keys.public_bytes(self._s_sk)
         self._b: bytes | None = secrets.token_bytes(shamir.SECRET_BYTES)
         self._peer_s_pk: dict[int, bytes] = {}
         self._channel: dict[int, bytes] = {}  # AES-GCM key per live neighbour
@@ -357,7 +432,7 @@ class SecAggClient:
                 continue
             key = keys.derive_key(c_sk, pks[j][0], "share-key", p.run_id, p.round,
                                   self.my_id, j)
-            payload = shamir.encode_share(b_share) + shamir.encode_share(s_share)
+            payload = shamir.encode_value(b_share) + shamir.encode_value(s_share)
             out[j] = keys.encrypt_share(key, payload, p.run_id, p.round, self.my_id, j)
             channel[j] = key
         self._stage = "shared"
@@ -392,10 +467,9 @@ class SecAggClient:
                                        sender, self.my_id)
             if len(plain) != _PAYLOAD_BYTES:
                 raise SecAggError(f"share payload from site {sender} has the wrong length")
-            b_share = shamir.decode_share(plain[: shamir.SHARE_BYTES])
-            s_share = shamir.decode_share(plain[shamir.SHARE_BYTES :])
-            if b_share[0] != self._x or s_share[0] != self._x:
-                raise SecAggError(f"share from site {sender} is addressed to another site")
+            # decrypted, so it was made for this site: its shares are at this site's x
+            b_share = shamir.decode_value(plain[: shamir.Y_BYTES], self._x)
+            s_share = shamir.decode_value(plain[shamir.Y_BYTES :], self._x)
             received[sender] = (b_share, s_share)
         if len(received) + 1 < p.threshold:
             raise SecAggAborted(
@@ -471,9 +545,9 @@ class SecAggClient:
         out: dict[int, bytes] = {}
         for j, (b_share, s_share) in sorted(self._held.items()):
             if j in alive:
-                out[j] = _B_TAG + shamir.encode_share(b_share)
+                out[j] = _B_TAG + shamir.encode_value(b_share)
             elif j in gone:
-                out[j] = _S_TAG + shamir.encode_share(s_share)
+                out[j] = _S_TAG + shamir.encode_value(s_share)
         self._stage = "done"
         self._held = {}
         return out
@@ -729,9 +803,8 @@ class SecAggServer:
                     raise SecAggError(f"site {holder} revealed a share of non-neighbour {owner}")
                 if not isinstance(blob, bytes | bytearray) or len(blob) != _REVEAL_BYTES:
                     raise SecAggError(f"malformed reveal from site {holder} for site {owner}")
-                tag, share = bytes(blob[:1]), shamir.decode_share(bytes(blob[1:]))
-                if share[0] != x:
-                    raise SecAggError(f"site {holder} revealed a share that is not its own")
+                # a holder only ever holds shares at its own x
+                tag, share = bytes(blob[:1]), shamir.decode_value(bytes(blob[1:]), x)
                 if owner in alive and tag == _B_TAG:
                     b_shares.setdefault(owner, []).append(share)
                 elif owner in gone and tag == _S_TAG and owner != holder:

@@ -1,10 +1,14 @@
-"""t-of-n Shamir secret sharing of 32-byte secrets over GF(2**521 - 1).
+"""t-of-n Shamir secret sharing of 32-byte secrets over GF(2**256 + 297).
 
 Dropout recovery needs any t surviving sites to rebuild a missing site's secrets while
 t - 1 of them learn nothing; a random polynomial of degree t - 1 with the secret as its
-constant term gives exactly that (any t - 1 points are consistent with every secret).
-The Mersenne prime 2**521 - 1 is used because it exceeds every 256-bit secret, so a
-secret is a field element as-is, with no reduction that could lose information.
+constant term gives exactly that (any t - 1 points are consistent with every secret),
+in any prime field larger than the secrets and the number of sites. 2**256 + 297 is the
+smallest prime above every 256-bit secret, so a secret is a field element as-is, with
+no reduction that could lose information, and a share's value fits in 33 bytes: each
+site sends two shares to every neighbour, so the field's size is most of what secure
+aggregation adds to a site's upload (a 521-bit field took twice as much, for nothing:
+the secrecy of Shamir's scheme does not grow with the field).
 
 Reconstruction uses exactly t shares and, when more are available, checks that the
 extra ones lie on the same polynomial: one honest extra share is enough to notice any
@@ -19,10 +23,10 @@ from typing import Protocol
 
 from mmfed.secagg.errors import SecAggError
 
-PRIME = 2**521 - 1
+PRIME = 2**256 + 297
 SECRET_BYTES = 32
 X_BYTES = 4
-Y_BYTES = (PRIME.bit_length() + 7) // 8  # 66
+Y_BYTES = (PRIME.bit_length() + 7) // 8  # 33
 SHARE_BYTES = X_BYTES + Y_BYTES
 
 Share = tuple[int, int]
@@ -128,7 +132,7 @@ def reconstruct(shares: Iterable[Share], t: int) -> bytes:
 
 
 def encode_share(share: Share) -> bytes:
-    """Fixed-length bytes (4-byte x, 66-byte y) so a share's size reveals nothing."""
+    """Fixed-length bytes (4-byte x, 33-byte y) so a share's size reveals nothing."""
     x, y = share
     if not 1 <= x < 2 ** (8 * X_BYTES) or not 0 <= y < PRIME:
         raise SecAggError("share out of range")
@@ -142,5 +146,24 @@ def decode_share(data: bytes) -> Share:
     x = int.from_bytes(data[:X_BYTES], "big")
     y = int.from_bytes(data[X_BYTES:], "big")
     if x == 0 or y >= PRIME:
+        raise SecAggError("encoded share out of range")
+    return x, y
+
+
+def encode_value(share: Share) -> bytes:
+    """A share's value alone, in ``Y_BYTES`` fixed-length bytes: for a recipient (or
+    the server) that knows whose x the share is at, sending x again is padding."""
+    x, y = share
+    if not 1 <= x < 2 ** (8 * X_BYTES) or not 0 <= y < PRIME:
+        raise SecAggError("share out of range")
+    return y.to_bytes(Y_BYTES, "big")
+
+
+def decode_value(data: bytes, x: int) -> Share:
+    """Inverse of :func:`encode_value`: the share at ``x``, the x its holder is at."""
+    if not isinstance(data, bytes | bytearray) or len(data) != Y_BYTES:
+        raise SecAggError(f"an encoded share value must be {Y_BYTES} bytes")
+    y = int.from_bytes(data, "big")
+    if y >= PRIME or not 1 <= x < 2 ** (8 * X_BYTES):
         raise SecAggError("encoded share out of range")
     return x, y

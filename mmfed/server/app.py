@@ -45,7 +45,7 @@ def run_and_record(grid: Grid, prepared: PreparedRun,
     started = time.perf_counter()
     tensorboard = TensorBoardLog(run.path)
     fed = Federation(grid, cfg, run, on_round=chain(on_round, tensorboard),
-                     expected_sites=int(cfg["data.sites"]))
+                     expected_sites=int(cfg["data.sites"]), admitted=prepared.admitted)
     fed.resume_point = resume
     try:
         result = fed.run_rounds()

@@ -3,8 +3,17 @@
 Written directly on the Message API (not a stock Strategy) because secure
 aggregation, privacy declines and resume need control over each message exchange.
 Each round is run by a round kind (``PlainRound`` or ``SecureRound``); the loop around
-it admits restarted sites, evaluates on the holdout, asks the sites to evaluate
-locally, and makes the round durable before the next one starts.
+it admits restarted sites, evaluates on the holdout and makes the round durable before
+the next one starts.
+
+Local evaluation (``federation.local_eval``) costs no trip of its own: each train
+request carries the global model, which the site evaluates on its own validation split
+before training on it, so round r's train replies carry the local figures of the
+model round r - 1 made (the initial model in round 1). Round r's metrics line holds
+them as ``sites.<name>.local`` and says which model they are of (``local_model``:
+r - 1). Only the final model needs a trip of its own: after the last round the sites
+evaluate it, and its figures join the last line as ``sites.<name>.local_final``.
+``trips`` counts a round's message exchanges with its sites.
 
 Time: each round has one deadline, ``federation.round_timeout`` from its start, which
 bounds every stage of it, local evaluation included (see ``Deadline.remaining``). The
@@ -38,7 +47,7 @@ from mmfed.run.rundir import RunDir
 from mmfed.run.tracking import RoundCallback
 from mmfed.server.plain import PlainRound
 from mmfed.server.records import SiteEntry, SiteRef
-from mmfed.server.rounds import Deadline, ModelState, Round, RoundContext
+from mmfed.server.rounds import Deadline, KeysAhead, ModelState, Round, RoundContext
 from mmfed.server.schema import learn_schema, read_names
 from mmfed.server.secure import SecureRound
 from mmfed.server.transport import exchange, wait_for_nodes
@@ -79,8 +88,12 @@ class Federation:
 
     def __init__(self, grid: Grid, cfg: RunConfig, run: RunDir,
                  on_round: RoundCallback | None = None, expected_sites: int | None = None,
-                 setup_timeout: float = SETUP_TIMEOUT) -> None:
+                 setup_timeout: float = SETUP_TIMEOUT,
+                 admitted: dict[int, str] | None = None) -> None:
         self.grid = grid
+        # node id -> the site its authentication key was admitted as; None when sites
+        # are not authenticated (simulation, --insecure), where a node's word is all
+        self.admitted = admitted
         self.cfg = cfg
         self.run = run
         self.on_round = on_round
@@ -92,6 +105,9 @@ class Federation:
         self.resume_point: ResumePoint | None = None
         self.ignored: set[int] = set()  # nodes that are not sites of this federation
         self._holdout_data: SiteData | None = None
+        # the sites' keys for the next secure round, sent at unmask (memory only: a
+        # restarted server holds none, so no key from before a restart is ever used)
+        self.keys_ahead = KeysAhead()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> tuple[FeatureSchema, ModelState]:
@@ -105,6 +121,12 @@ class Federation:
         ok, failed = exchange(self.grid, dict.fromkeys(nodes, wire.request(self.cfg, 0)),
                               wire.STATS, 0, deadline.remaining())
         names = self._read_names(ok, failed)
+        for node in list(names):
+            refusal = self.impersonation(node, names[node][0])
+            if refusal is not None:
+                del names[node]
+                failed[node] = refusal
+                self.ignored.add(node)
         for node, reason in failed.items():
             log.warning("node %s left out: %s", node, reason)
         if len(names) < self.cfg["federation.min_sites"]:
@@ -184,20 +206,28 @@ class Federation:
         deadline = Deadline(self.timeout)
         self.admit_new_nodes(round_num, deadline)
         self._warn_unprotected(round_num)
-        ctx = RoundContext(self.grid, self.cfg, dict(self.sites), deadline)
+        ctx = RoundContext(self.grid, self.cfg, dict(self.sites), deadline, self.keys_ahead)
         at.state, info = self.round_kind().run(ctx, round_num, at.schema, at.state)
         t_eval = time.perf_counter()
         at.final, at.patterns = self.evaluate(model, at.state, holdout)
         eval_seconds = time.perf_counter() - t_eval
-        if self.cfg["federation.local_eval"]:
+        local_eval = bool(self.cfg["federation.local_eval"])
+        final_trip = local_eval and round_num == self.cfg["rounds"]
+        seconds: dict[str, float] = {}
+        if final_trip:  # the final model: no later train request carries it
+            t_local = time.perf_counter()
             self.local_eval(ctx, round_num, at.schema, at.state, info.sites)
+            seconds["local_final"] = time.perf_counter() - t_local
         self.run.save_checkpoint(round_num, at.state, at.schema, self.cfg)
         line = {"round": round_num, "global": _without_n(at.final), "patterns": at.patterns,
                 "sites": info.sites,
                 "aggregation": info.aggregation(self.cfg["privacy.enabled"]),
                 "bytes": {"up": info.bytes_up, "down": info.bytes_down},
                 "seconds": {"round": time.perf_counter() - t0, "train": info.train_seconds,
-                            "evaluate": eval_seconds, **info.stage_figures()}}
+                            "evaluate": eval_seconds, **info.stage_figures(), **seconds},
+                "trips": info.trips + int(final_trip)}
+        if local_eval:
+            line["local_model"] = round_num - 1
         self.run.append_metrics(line)
         self._count(info.sites)
         if self.on_round:
@@ -225,15 +255,16 @@ class Federation:
 
     def local_eval(self, ctx: RoundContext, round_num: int, schema: FeatureSchema,
                    state: ModelState, sites: dict[str, SiteEntry]) -> None:
-        """Every site evaluates the new model on its own validation split, within what is
-        left of the round (at least ``MIN_SHARE`` of the timeout, as for any stage)."""
+        """Every site evaluates the final model on its own validation split, within what
+        is left of the round (at least ``MIN_SHARE`` of the timeout, as for any stage):
+        ``local_final`` in the site's entry."""
         request = wire.request(self.cfg, round_num, schema, state)
         ok, failed = exchange(ctx.grid, dict.fromkeys(sorted(ctx.sites), request),
                               wire.EVALUATE, round_num, ctx.remaining())
         for node, reply in ok.items():
             figures = wire.metrics_of(reply.content)
             entry = sites.setdefault(ctx.name(node), {"status": "dropped"})
-            entry["local"] = {k: float(v) for k, v in figures.items()}
+            entry["local_final"] = {k: float(v) for k, v in figures.items()}
         for node, reason in failed.items():
             log.warning("round %d: local evaluation at %s failed: %s", round_num,
                         ctx.name(node), reason)
@@ -259,6 +290,11 @@ class Federation:
                 name, _ = wire.site_of(reply.content)
             except wire.WireError:
                 name = ""
+            refusal = self.impersonation(node, name)
+            if refusal is not None:
+                log.warning("round %d: %s", round_num, refusal)
+                self.ignored.add(node)
+                continue
             if name not in names:
                 log.warning("round %d: node %s (site %r) is not part of this federation; "
                             "ignored", round_num, node, name)
@@ -271,6 +307,19 @@ class Federation:
             log.warning("round %d: new node %s did not identify itself: %s", round_num,
                         node, reason)
             self.ignored.add(node)  # a restarted site comes back under yet another id
+
+    def impersonation(self, node: int, name: str) -> str | None:
+        """Why ``node`` may not act as site ``name``, or None if it may: under SuperNode
+        authentication a node is the site its key was admitted for, whatever it says."""
+        if self.admitted is None:
+            return None
+        admitted_as = self.admitted.get(node)
+        if admitted_as is None:
+            return f"node {node} claims to be site {name!r} but no admitted key has its id"
+        if admitted_as != name:
+            return (f"node {node} claims to be site {name!r} but its key was admitted for "
+                    f"{admitted_as!r}: refused as an impersonation attempt")
+        return None
 
     def _count(self, sites: dict[str, SiteEntry]) -> None:
         for name, entry in sites.items():

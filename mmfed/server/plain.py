@@ -42,7 +42,8 @@ class _Collected:
 
 
 class PlainRound:
-    """Train → validate each update → aggregate by ``aggregation.rule``."""
+    """Train → validate each update → aggregate by ``aggregation.rule``: one trip, whose
+    replies also carry the sites' local evaluation of the model they started from."""
 
     def run(self, ctx: RoundContext, round_num: int, schema: FeatureSchema,
             state: ModelState) -> tuple[ModelState, RoundInfo]:
@@ -65,6 +66,11 @@ class PlainRound:
             except wire.WireError as exc:
                 log.warning("round %d: %s dropped: %s", round_num, name, exc)
                 got.sites[name] = dropped_entry(str(exc))
+                continue
+            # the previous round's model on the site's own validation split
+            local = wire.local_of(reply.content)
+            if local is not None:
+                got.sites[name]["local"] = local
         train_seconds = time.perf_counter() - start
         minimum = ctx.cfg["federation.min_sites"]
         if len(got.updates) < minimum:
@@ -74,7 +80,8 @@ class PlainRound:
         else:
             new_state = self.aggregate(ctx, got.updates, state)
         return new_state, round_info(got.sites, len(got.updates), got.bytes_up,
-                                     wire.state_bytes(state) * len(nodes), train_seconds)
+                                     wire.state_bytes(state) * len(nodes), train_seconds,
+                                     trips=1)
 
     def _read(self, ctx: RoundContext, round_num: int, name: str, reply: Message,
               state: ModelState, got: _Collected) -> SiteEntry:

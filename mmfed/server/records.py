@@ -88,6 +88,7 @@ class RoundInfo:
     threshold: int | None = None
     neighbours: int | None = None
     aborted: str | None = None
+    trips: int = 1  # message exchanges with the sites (each costs a deployed round time)
 
     def aggregation(self, private: bool) -> dict[str, Any]:
         """The ``aggregation`` object of the round's metrics line."""

@@ -55,14 +55,43 @@ class Deadline:
         return max(MIN_SHARE * self.timeout, self.end - now, MIN_SECONDS)
 
 
+class KeysAhead:
+    """Public keys sites made for a coming round and sent with their unmask reply.
+
+    A secure round whose every site has keys here for that very round skips the share
+    trip: its train requests carry the keys and its train replies the encrypted
+    shares. Held in the server's memory only, never in a checkpoint: a restarted or
+    resumed server holds none, so its first round takes the classic path and no key
+    advertised before a restart is ever used. Keys for a round are forgotten once that
+    round has started, whether or not it used them.
+    """
+
+    def __init__(self) -> None:
+        self._by_node: dict[int, tuple[int, dict[str, bytes]]] = {}
+
+    def add(self, node: int, round_num: int, keys: Mapping[str, bytes]) -> None:
+        self._by_node[node] = (round_num, dict(keys))
+
+    def take(self, round_num: int, nodes: list[int]) -> dict[int, dict[str, bytes]] | None:
+        """Every node's keys for ``round_num``, or None when any node has none for it;
+        all keys for this round or earlier ones are forgotten either way."""
+        found = {n: keys for n, (r, keys) in self._by_node.items() if r == round_num}
+        self._by_node = {n: (r, k) for n, (r, k) in self._by_node.items() if r > round_num}
+        if not nodes or any(n not in found for n in nodes):
+            return None
+        return {n: found[n] for n in nodes}
+
+
 @dataclass(frozen=True)
 class RoundContext:
-    """What a round kind may use: the grid, the config, the sites and the deadline."""
+    """What a round kind may use: the grid, the config, the sites and the deadline, and
+    the keys sites advertised ahead for this round (``KeysAhead``)."""
 
     grid: Grid
     cfg: RunConfig
     sites: Mapping[int, SiteRef]
     deadline: Deadline
+    keys_ahead: KeysAhead = field(default_factory=KeysAhead)
 
     def remaining(self, share: float = 1.0) -> float:
         """See ``Deadline.remaining``."""

@@ -5,6 +5,13 @@ vectors) → unmask (shares that remove the masks) → weighted mean. The server
 ever holds masked vectors and ciphertext; if fewer than the threshold of sites
 survive, the round is aborted and the previous global model is kept.
 
+Each message trip costs a deployed round seconds of polling, so a round asks at
+unmask for the next round's keys (``wire.NEXT_ROUND``); when every site of the next
+round's cohort sent them (``KeysAhead``), that round's train requests carry the keys
+and its train replies the encrypted shares: train + share → mask → unmask (+ keys),
+three trips. Any site without keys for the round (first round, new or rejoined node,
+one that dropped or declined) sends the round down the classic path, four trips.
+
 A site that does not answer a stage, answers with an error, or answers with a
 malformed reply (``wire.WireError``) is treated the same way: it dropped out at that
 stage, which the protocol is built to survive. A site that refuses a stage under its
@@ -63,15 +70,19 @@ class StageLog:
 class SecureSum:
     """The stages every secure sum shares, one method each: the first stage (opened by
     a subclass: training, or the schema's moments) returns public keys, then share →
-    mask → unmask give the weighted mean of what the survivors contributed.
+    mask → unmask give the weighted mean of what the survivors contributed. With keys
+    collected ahead, the first stage returns the shares instead (``masked_sum_of``).
+    ``next_round``: the round whose keys the unmask stage asks for (None: none).
 
     Sites are addressed by their protocol id (``sid``, 0..n-1 in node order) inside
     the protocol and by Flower node id on the wire.
     """
 
     def __init__(self, ctx: RoundContext, round_num: int, nodes: list[int],
-                 params: SecAggParams) -> None:
+                 params: SecAggParams, next_round: int | None = None) -> None:
         self.ctx, self.round_num, self.params = ctx, round_num, params
+        self.next_round = next_round  # asked at unmask for keys for this round, if any
+        self.trips = 0  # exchanges with the sites so far
         self.node_of = dict(enumerate(nodes))
         self.sid_of = {node: sid for sid, node in self.node_of.items()}
         self.name_of = {sid: ctx.name(node) for sid, node in self.node_of.items()}
@@ -89,28 +100,50 @@ class SecureSum:
         ``accept`` reads a reply's own figures into the site's entry (None: the site
         declined under its budget and is out of this sum).
         """
+        return self.first_stage(contents, message_type, stage, timeout, accept,
+                                wire.public_keys_of)
+
+    def first_stage(self, contents: Mapping[int, RecordDict], message_type: str,
+                    stage: str, timeout: float,
+                    accept: Callable[[int, RecordDict], SiteEntry | None],
+                    payload: Callable[[RecordDict], T]) -> dict[int, T]:
+        """The first stage, whatever its replies carry for the protocol: ``payload``
+        decodes it (public keys, or encrypted shares when keys were advertised ahead).
+
+        A reply's local evaluation (``wire.LOCAL``) joins the site's entry, whether the
+        site took part or declined: it is about the global model, not this sum.
+        """
         start = time.perf_counter()
         ok = self.send(contents, message_type, stage, timeout)
-        advertised: dict[int, dict[str, bytes]] = {}
+        out: dict[int, T] = {}
         for sid, reply in ok.items():
             self.stages.bytes_up += wire.record_bytes(reply.content)
+            name = self.name_of[sid]
             try:
                 entry = accept(sid, reply.content)
                 if entry is not None:
-                    advertised[sid] = wire.public_keys_of(reply.content)
+                    out[sid] = payload(reply.content)
             except wire.WireError as exc:
                 self.fail(sid, stage, str(exc))
                 continue
             if entry is not None:
-                self.sites[self.name_of[sid]] = entry
+                self.sites[name] = entry
+            local = wire.local_of(reply.content)
+            if local is not None and name in self.sites:
+                self.sites[name]["local"] = local
         self.stages.timed(stage, start)
-        return advertised
+        return out
 
     def masked_sum(self, advertised: dict[int, dict[str, bytes]]
                    ) -> tuple[np.ndarray, list[int], list[int]]:
         """share → mask → unmask: (weighted mean, the sites in it, the sites that shared
         keys but sent no masked vector). Raises SecAggError (SecAggAborted included)."""
-        masked = self.mask(self.share(advertised))
+        return self.masked_sum_of(self.share(advertised))
+
+    def masked_sum_of(self, routed: Shares) -> tuple[np.ndarray, list[int], list[int]]:
+        """mask → unmask, once the shares are routed (``masked_sum`` less the share
+        stage, for a round whose shares came with its first stage)."""
+        masked = self.mask(routed)
         mean, used, dropped = self.unmask(masked)
         for sid in dropped:
             self.fail(sid, "mask", "did not send its masked update")
@@ -150,14 +183,33 @@ class SecureSum:
         """
         start = time.perf_counter()
         survivors, dropped = self.server.unmask_request(list(masked))
-        payload = wire.unmask_request(survivors, dropped)
+        payload = wire.unmask_request(survivors, dropped, self.next_round)
         ok = self.send({sid: self.stage(sid, payload) for sid in survivors},
                        wire.SECAGG_UNMASK, "unmask", self.ctx.remaining())
         reveals = self.read(ok, "unmask", lambda c: wire.reveals_of(wire.secagg_of(c)))
         self.received(ok, reveals)
+        self.keep_keys_ahead(ok, reveals)
         mean, _total, used = self.server.aggregate(masked, reveals)
         self.stages.timed("unmask", start)
         return mean, used, dropped
+
+    def keep_keys_ahead(self, ok: dict[int, Message], used: Mapping[int, object]) -> None:
+        """The next round's public keys from the unmask replies that were used.
+
+        Keys for any round but the one asked for, or malformed ones, are not kept: that
+        site then has none, and the next round takes the classic path.
+        """
+        if self.next_round is None:
+            return
+        for sid in used:
+            try:
+                ahead = wire.next_keys_of(ok[sid].content)
+            except wire.WireError as exc:
+                log.warning("round %d: %s sent unusable keys for round %d: %s",
+                            self.round_num, self.name_of[sid], self.next_round, exc)
+                continue
+            if ahead is not None and ahead[0] == self.next_round:
+                self.ctx.keys_ahead.add(self.node_of[sid], ahead[0], ahead[1])
 
     # ------------------------------------------------------------------ helpers
     def stage(self, sid: int, payload: ConfigRecord) -> RecordDict:
@@ -169,6 +221,7 @@ class SecureSum:
              timeout: float) -> dict[int, Message]:
         """One exchange with the given sites; a site that fails it dropped at ``stage``."""
         self.stages.bytes_down += sum(wire.record_bytes(c) for c in contents.values())
+        self.trips += 1
         ok, failed = exchange(self.ctx.grid,
                               {self.node_of[sid]: c for sid, c in contents.items()},
                               message_type, self.round_num, timeout)
@@ -236,7 +289,8 @@ class SecureRound:
 
 
 class SecureSession(SecureSum):
-    """One securely aggregated training round: every round has its own keys."""
+    """One securely aggregated training round: every round has its own keys, made at
+    the start of the round or, sent with the previous round's unmask reply, ahead."""
 
     def __init__(self, ctx: RoundContext, round_num: int, nodes: list[int],
                  state: ModelState) -> None:
@@ -246,12 +300,16 @@ class SecureSession(SecureSum):
         self.layout = segment_layout(state) if ctx.cfg["aggregation.modality_aware"] else []
         super().__init__(ctx, round_num, nodes, secagg_params(
             ctx.cfg, round_num, len(nodes), vector_length(state),
-            tuple(n for _, n in self.layout)))
+            tuple(n for _, n in self.layout)),
+            next_round=round_num + 1 if round_num < int(ctx.cfg["rounds"]) else None)
 
     def run(self, schema: FeatureSchema) -> tuple[ModelState, RoundInfo]:
-        advertised = self.train(schema)
+        ahead = self.keys_ahead()
         try:
-            mean, used, _ = self.masked_sum(advertised)
+            if ahead:
+                mean, used, _ = self.masked_sum_of(self.train_and_share(schema))
+            else:
+                mean, used, _ = self.masked_sum(self.train(schema))
         except SecAggError as exc:  # SecAggAborted included: too few survivors
             kind = "aborted" if isinstance(exc, SecAggAborted) else "failed"
             log.warning("round %d: secure aggregation %s (%s); keeping the previous global "
@@ -259,14 +317,42 @@ class SecureSession(SecureSum):
             return self.state, self.summary(0, str(exc))
         return self.finish(mean, used)
 
-    def train(self, schema: FeatureSchema) -> dict[int, dict[str, bytes]]:
-        """Stage 1: train; replies carry metrics and public keys, never the update."""
+    def keys_ahead(self) -> bool:
+        """Whether every site of the round advertised keys for it at the previous unmask
+        and the protocol accepts them (then collected: the round starts at share)."""
+        found = self.ctx.keys_ahead.take(self.round_num, list(self.node_of.values()))
+        if found is None:
+            return False
+        try:
+            self.server.collect_keys({self.sid_of[node]: keys for node, keys in found.items()})
+        except SecAggError as exc:
+            log.warning("round %d: keys advertised ahead are unusable (%s); the sites "
+                        "advertise new ones", self.round_num, exc)
+            return False
+        return True
+
+    def requests(self, schema: FeatureSchema, ahead: bool) -> dict[int, RecordDict]:
+        """Each site's train request: the model, its protocol parameters and, with keys
+        advertised ahead, its share group's public keys."""
         base = wire.request(self.ctx.cfg, self.round_num, schema, self.state)
         groups = tuple(g for g, _ in self.layout)
-        contents = {sid: wire.with_secagg(base, wire.SecAggRequest(self.params, sid, groups))
-                    for sid in self.node_of}
-        return self.open(contents, wire.TRAIN, "train", self.ctx.remaining(TRAIN_SHARE),
-                         self.accept)
+        return {sid: wire.with_secagg(base, wire.SecAggRequest(self.params, sid, groups),
+                                      self.server.keys_for(sid) if ahead else None)
+                for sid in self.node_of}
+
+    def train(self, schema: FeatureSchema) -> dict[int, dict[str, bytes]]:
+        """Stage 1: train; replies carry metrics and public keys, never the update."""
+        return self.open(self.requests(schema, False), wire.TRAIN, "train",
+                         self.ctx.remaining(TRAIN_SHARE), self.accept)
+
+    def train_and_share(self, schema: FeatureSchema) -> Shares:
+        """Stages 1 and 2 in one trip, with the keys advertised ahead: train; replies
+        carry metrics and encrypted shares, never the update. Returns the shares routed
+        to their recipients."""
+        shares = self.first_stage(self.requests(schema, True), wire.TRAIN, "train",
+                                  self.ctx.remaining(TRAIN_SHARE), self.accept,
+                                  lambda c: wire.shares_of(wire.secagg_of(c)))
+        return self.server.route(shares)
 
     def accept(self, sid: int, content: RecordDict) -> SiteEntry | None:
         """A train reply's figures; None when the site declined under its budget."""
@@ -298,7 +384,8 @@ class SecureSession(SecureSum):
                           self.stages.seconds.get("train", 0.0),
                           stage_seconds=self.stages.seconds, secure=True,
                           threshold=self.params.threshold,
-                          neighbours=self.params.neighbours or 0, aborted=aborted)
+                          neighbours=self.params.neighbours or 0, aborted=aborted,
+                          trips=self.trips)
 
 
 def aggregate_problem(delta: np.ndarray, params: SecAggParams, weights: list[float],

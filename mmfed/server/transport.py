@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from mmfed.errors import MmfedError
 
 POLL_FIRST = 0.02  # seconds before the first pull
-POLL_MAX = 0.5  # the longest wait between pulls
+POLL_MAX = 0.2  # the longest wait between pulls (a loopback call to the SuperLink)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -38,7 +38,7 @@ def send_and_receive(grid: Grid, out: list[Message], timeout: float) -> list[Mes
 
     Flower's deployed grid sleeps 3 s between pulls, which a secure round (four
     exchanges) pays up to four times; here the first pulls come after 20 ms and the
-    interval backs off to 0.5 s, so a quick stage costs what its sites take.
+    interval backs off to 0.2 s, so a quick stage costs what its sites take.
     """
     pending = set(grid.push_messages(out))
     deadline = time.monotonic() + timeout

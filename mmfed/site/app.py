@@ -94,19 +94,42 @@ def moments(msg: Message, context: Context) -> Message:
 @app.train()
 @_guard
 def train(msg: Message, context: Context) -> Message:
+    """Check the request, evaluate the model it carries (``federation.local_eval``),
+    then train on it; under secure aggregation the reply carries public keys, or, when
+    the request carries the share group's keys advertised ahead, this site's
+    encrypted shares.
+
+    The local evaluation is the one the ``evaluate`` handler gives, of the global model
+    the previous round made: riding on the train trip spares the round a trip of its
+    own. It comes after the request's checks (a request this site refuses touches no
+    data) and before training, so a site that its budget makes decline the round
+    still sends it, as it would answer ``evaluate``.
+    """
     cfg, round_num, schema, state, site = _model_request(msg, context, "train")
     name = site.name
+    # keys made ahead serve this one request, whatever happens to it
+    round_keys = site_secagg.take_round_keys(context.state)
     site_secagg.check_fault(list(cfg["faults.drop"]), name, round_num, "train")
     secagg = wire.secagg_request_of(msg.content)  # malformed: refused before training
+    peers = wire.peers_of(msg.content)
     node_config = dict(context.node_config)
     policy = site_runtime.site_policy(node_config, cfg, name)
     if secagg is None:
+        if peers is not None:
+            raise wire.WireError("a plaintext train request with secure aggregation keys")
         consent.check_plaintext(policy, wire.cohort_of(msg.content))
     else:
         consent.check_secure(policy, secagg.params, secagg.my_id)
-    limit_threads()  # once per process, on the first message that trains
-    outcome = site_runtime.train_round(site, cfg, schema, state, round_num, node_config,
-                                       policy=policy)
+        if peers is not None:
+            round_keys = site_secagg.check_round_keys(round_keys, secagg, peers, round_num)
+    limit_threads()  # once per process, on the first message that evaluates or trains
+    local = (site_runtime.evaluate_round(site, cfg, schema, state)
+             if cfg["federation.local_eval"] else None)
+    try:
+        outcome = site_runtime.train_round(site, cfg, schema, state, round_num,
+                                           node_config, policy=policy)
+    except Declined as exc:  # e.g. noise the server could replay
+        return Message(wire.declined(str(exc), local=local), reply_to=msg)
     kind = faults.corruption(list(cfg["faults.corrupt"]), name, round_num)
     if kind and outcome.state is not None and secagg is None:  # drill: send a bad update
         outcome.state = faults.corrupt_state(outcome.state, state, kind)
@@ -114,19 +137,28 @@ def train(msg: Message, context: Context) -> Message:
         counts = {f"count_{m}": float(c) for m, c in outcome.counts.items()}
         reply = wire.reply_content(name, state=outcome.state,
                                    metrics={**outcome.metrics, **counts})
-        return Message(reply, reply_to=msg)
-    # Secure aggregation: the update stays here; only public keys leave with the metrics.
+        return Message(_with_local(reply, local), reply_to=msg)
+    # Secure aggregation: the update stays here; only public keys (or encrypted shares)
+    # leave with the metrics.
     update = flat_delta(outcome.state, state)
     if kind:  # drill: corrupted before the guard, so that the guard is what stops it
         update = faults.corrupt_vector(update, kind)
     update = site_secagg.guard(secagg, update, float(cfg["aggregation.max_update_norm"]))
     num_examples = int(outcome.metrics["num_examples"])
-    pks = site_secagg.begin(context.state, secagg, update, num_examples,
-                            group_weights(num_examples, outcome.counts, True),
-                            min_cohort=policy.min_cohort)
+    payload = site_secagg.begin(context.state, secagg, update, num_examples,
+                                group_weights(num_examples, outcome.counts, True),
+                                min_cohort=policy.min_cohort,
+                                round_keys=round_keys if peers is not None else None,
+                                peers=peers)
     reply = wire.reply_content(name, metrics=outcome.metrics)
-    reply[wire.SECAGG] = pks
-    return Message(reply, reply_to=msg)
+    reply[wire.SECAGG] = payload
+    return Message(_with_local(reply, local), reply_to=msg)
+
+
+def _with_local(reply: RecordDict, local: dict[str, float] | None) -> RecordDict:
+    if local is not None:
+        reply[wire.LOCAL] = wire.local_figures(local)
+    return reply
 
 
 def _secagg_stage(msg: Message, context: Context, stage: str) -> Message:
@@ -138,7 +170,9 @@ def _secagg_stage(msg: Message, context: Context, stage: str) -> Message:
     elif stage == "mask":
         reply[wire.MASKED] = site_secagg.mask(context.state, request, header.round)
     else:
-        reply[wire.SECAGG] = site_secagg.unmask(context.state, request, header.round)
+        reply[wire.SECAGG], ahead = site_secagg.unmask(context.state, request, header.round)
+        if ahead is not None:
+            reply[wire.NEXT_KEYS] = ahead
     return Message(reply, reply_to=msg)
 
 

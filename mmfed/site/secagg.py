@@ -3,6 +3,14 @@
 After local training the site keeps its update and its protocol secrets in its own
 node state (never in a reply), then answers the server's share, mask and unmask
 stages from there. Nothing here imports torch: these stages must stay cheap.
+
+Keys ahead: when the server asks at unmask (``wire.NEXT_ROUND``), the site makes
+fresh key pairs for the next round (``RoundKeys``), keeps their secrets here and sends
+the public keys with its reveals. If the next round's train request then carries its
+share group's keys (``wire.PEERS``), the site shares right after training, in its
+train reply, and the round skips the share trip. Those keys serve that one round:
+any train request takes them out of the state, and a request for any other round,
+or one that does not carry this site's own keys as advertised, is refused.
 """
 
 from __future__ import annotations
@@ -14,11 +22,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from mmfed import wire
 from mmfed.errors import MmfedError
-from mmfed.secagg import SecAggClient, client_from_state, client_to_state
+from mmfed.secagg import RoundKeys, SecAggClient, SecAggError, client_from_state, client_to_state
 from mmfed.site import consent
 
 STATE = "mmfed.secagg"
 UPDATE = "mmfed.secagg.update"
+NEXT = "mmfed.secagg.next"  # key pairs made ahead for the next round (RoundKeys)
 
 
 def segment_weights(request: wire.SecAggRequest, num_examples: int,
@@ -92,10 +101,51 @@ def _load(state: RecordDict, params_round: int | None = None) -> tuple[SecAggCli
     return client, record
 
 
+def take_round_keys(state: RecordDict) -> RoundKeys | None:
+    """The key pairs made ahead for a round, taken out of the state: whatever the train
+    request that asks for them says, they are never there for another one."""
+    if NEXT not in state.config_records:
+        return None
+    blob = state.config_records[NEXT].get("keys")
+    del state[NEXT]
+    if not isinstance(blob, bytes):
+        return None
+    try:
+        return RoundKeys.from_state(blob)
+    except SecAggError:
+        return None
+
+
+def check_round_keys(round_keys: RoundKeys | None, request: wire.SecAggRequest,
+                     peers: dict[int, dict[str, bytes]], round_num: int) -> RoundKeys:
+    """Before training on a request that carries the share group's keys: they must be
+    the keys this site made for exactly this round of this run, its own among them
+    unaltered. Anything else is refused, with nothing trained or spent."""
+    params = request.params
+    if round_keys is None:
+        raise MmfedError(f"secure aggregation: the round-{params.round} request carries "
+                         "keys this site never advertised for it (it holds none)")
+    if params.round != round_num:
+        raise MmfedError(f"secure aggregation parameters for round {params.round} in a "
+                         f"round-{round_num} request")
+    if (round_keys.run_id, round_keys.round) != (params.run_id, params.round):
+        raise MmfedError(f"secure aggregation: this site's keys were advertised for round "
+                         f"{round_keys.round} (run {round_keys.run_id!r}), not for round "
+                         f"{params.round} (run {params.run_id!r}); refused")
+    if peers.get(request.my_id) != round_keys.public():
+        raise MmfedError("secure aggregation: the request does not carry this site's "
+                         "advertised keys as its own; refused")
+    return round_keys
+
+
 def begin(state: RecordDict, request: wire.SecAggRequest, update: np.ndarray,
           num_examples: int, group_weights: dict[str, int] | None = None,
-          counts: list[int] | None = None, *, min_cohort: int) -> ConfigRecord:
-    """After training: create this round's client, keep secrets, advertise public keys.
+          counts: list[int] | None = None, *, min_cohort: int,
+          round_keys: RoundKeys | None = None,
+          peers: dict[int, dict[str, bytes]] | None = None) -> ConfigRecord:
+    """After training: create this round's client, keep secrets, and advertise its
+    public keys, or, given the keys it advertised ahead (``round_keys``, checked by
+    ``check_round_keys``) and its share group's (``peers``), send its encrypted shares.
 
     ``group_weights`` (patients per modality, examples for the rest), or ``counts``
     given per segment (the patients behind each column's moments), stay in the site's
@@ -108,12 +158,15 @@ def begin(state: RecordDict, request: wire.SecAggRequest, update: np.ndarray,
     elif len(counts) != request.params.n_weights:
         raise MmfedError(f"secure aggregation laid out {request.params.n_weights} "
                          f"segment(s); this site has {len(counts)} counts")
-    client = SecAggClient(request.params, request.my_id)
+    if (round_keys is None) != (peers is None):
+        raise MmfedError("secure aggregation: keys ahead need the share group's keys")
+    client = SecAggClient(request.params, request.my_id, round_keys)
     pks = client.advertise()
+    out = None if peers is None else client.share_keys(peers)
     state[UPDATE] = ArrayRecord({"u": Array(np.ascontiguousarray(update, dtype=np.float32))})
     _save(state, client, {"num_examples": int(num_examples), "counts": list(counts),
                           "min_cohort": int(min_cohort)})
-    return wire.public_keys(pks)
+    return wire.public_keys(pks) if out is None else wire.shares(out)
 
 
 def share(state: RecordDict, request: ConfigRecord, round_num: int) -> ConfigRecord:
@@ -134,14 +187,26 @@ def mask(state: RecordDict, request: ConfigRecord, round_num: int) -> ArrayRecor
     return wire.masked(masked)
 
 
-def unmask(state: RecordDict, request: ConfigRecord, round_num: int) -> ConfigRecord:
-    """Reveal the shares that unmask the survivors' sum, if the sum hides this site."""
+def unmask(state: RecordDict, request: ConfigRecord, round_num: int
+           ) -> tuple[ConfigRecord, ConfigRecord | None]:
+    """Reveal the shares that unmask the survivors' sum, if the sum hides this site;
+    and, when the server asks, make fresh keys for the next round (only round + 1:
+    keys are made for the round that follows, never for one further ahead)."""
     client, record = _load(state, round_num)
     survivors, dropped = wire.unmask_request_of(request)
+    next_round = wire.next_round_of(request)
+    if next_round is not None and next_round != round_num + 1:
+        raise MmfedError(f"secure aggregation: asked at round {round_num} for keys for "
+                         f"round {next_round}; keys are made only for the next round")
     min_cohort = record.get("min_cohort")
     if not isinstance(min_cohort, int) or isinstance(min_cohort, bool):
         raise MmfedError("corrupt secure aggregation state (no cohort term)")
     consent.check_unmask(min_cohort, survivors, client.my_id)
     out = client.unmask(survivors, dropped)
     del state[STATE]
-    return wire.reveals(out)
+    ahead = None
+    if next_round is not None:
+        keys = RoundKeys.generate(client.params.run_id, next_round)
+        state[NEXT] = ConfigRecord({"keys": keys.to_state()})
+        ahead = wire.next_keys(next_round, keys.public())
+    return wire.reveals(out), ahead

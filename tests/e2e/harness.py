@@ -52,11 +52,18 @@ class Harness:
         cmd = [sys.executable, "-m", "mmfed.cli", *map(str, args)]
         if netns is not None:
             cmd = [ip_command(), "netns", "exec", netns, *cmd]
+        return self.command(name, cmd)
+
+    def command(self, name: str, cmd: list[str], env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> Started:
+        """Any program, marked like the mmfed ones (e.g. a SuperLink a test runs itself)."""
         log = self.root / f"{name}.log"
-        env = {**os.environ, **QUIET, MARKER: self.marker, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **QUIET, **(env or {}), MARKER: self.marker,
+               "PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as sink:
             proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    cwd=cwd)
         started = Started(name, proc, log)
         self.started.append(started)
         return started

@@ -1,12 +1,12 @@
 """Deployment end to end: `mmfed server` and `mmfed client` as real processes.
 
-A SuperLink and three SuperNodes with TLS, SuperNode authentication, site-owned DP
+A SuperLink and three site nodes with TLS, SuperNode authentication, site-owned DP
 and secure aggregation complete two rounds on loopback and write a valid run
 directory. Alongside them, a site whose key was never admitted is refused, and a
 site that trusts a different CA never connects. Then the same federation runs again
-with every SuperNode in its own network namespace (veth pairs on a bridge), so the
-sites really are separate hosts. Every test proves that every process it started,
-down to Flower's per-message app processes, is gone afterwards.
+with every site node in its own network namespace (veth pairs on a bridge), so the
+sites really are separate hosts. Every test proves that every process it started
+is gone afterwards, and each site's audit trail verifies.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def check_run_directory(run: Path) -> dict[str, object]:
     assert sorted(s["site"] for s in deployment["admitted"]) == list(SITES)
     for site in SITES:  # spending is on record at each site, not only in the run
         assert any((run.parent / f"ledger-{run.name}-{site}").iterdir()), site
-        assert "SuperNode ID" in (run.parent / f"supernode-{run.name}-{site}.log").read_text()
+        assert "connected as node" in (run.parent / f"supernode-{run.name}-{site}.log").read_text()
     return summary
 
 
@@ -197,7 +197,7 @@ def test_site_trusting_another_ca_cannot_connect(loopback: LoopbackResult) -> No
 def test_every_process_stopped_cleanly(loopback: LoopbackResult) -> None:
     assert loopback.client_codes == [0, 0, 0], loopback.client_codes
     for site in SITES:
-        assert "stopped; the SuperNode and its apps have exited" in loopback.logs[site]
+        assert "stopped; the site node has exited" in loopback.logs[site]
     assert loopback.leftover == []
 
 
@@ -226,3 +226,38 @@ def test_sites_as_separate_hosts(kit: Path, tmp_path: Path) -> None:
     for client in clients:
         assert f"connected to {hosts.server_ip}:{port}" in client.text(), client.text()
     check_run_directory(tmp_path / "run")
+
+
+def test_site_audit_logs_verify_and_an_edited_byte_is_reported(loopback: LoopbackResult,
+                                                              tmp_path: Path) -> None:
+    """Each site's audit trail holds what it served and released, verifies, and one
+    edited byte anywhere in it is reported by ``mmfed audit verify``."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mmfed.privacy.audit import verify
+
+    for site in SITES:
+        folder = loopback.run.parent / f"ledger-{loopback.run.name}-{site}"
+        report = verify(folder)
+        assert report.ok, (site, report.problems)
+        entries = [json.loads(x) for x in (folder / "audit.jsonl").read_text().splitlines()]
+        kinds = {e["kind"] for e in entries}
+        assert {"started", "served", "release", "stopped"} <= kinds, kinds
+        assert sum(e["kind"] == "release" for e in entries) == ROUNDS
+        served = [e for e in entries if e["kind"] == "served"]
+        assert {e["request"] for e in served} >= {"train"}
+        assert len({e["app_hash"] for e in served}) == 1
+        copy = tmp_path / site
+        shutil.copytree(folder, copy)
+        raw = bytearray((copy / "audit.jsonl").read_bytes())
+        at = len(raw) // 2 + SITES.index(site) * 7
+        while raw[at] in b'\n"':
+            at += 1
+        raw[at] = ord("0") if raw[at] != ord("0") else ord("1")
+        (copy / "audit.jsonl").write_bytes(bytes(raw))
+        done = subprocess.run([sys.executable, "-m", "mmfed.cli", "audit", "verify",
+                               str(copy)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "line" in done.stderr or "entry" in done.stderr, done.stderr

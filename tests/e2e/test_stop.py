@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,10 @@ from mmfed.deploy.processes import free_port
 from tests.e2e.harness import Harness, wait_for_text, wait_until
 
 pytestmark = pytest.mark.slow
+# A site must rejoin a restarted coordinator within 30 s (measured here: see the README's
+# deployment figures). The node gives a dead connection up after 10 s of failed calls
+# and the client probes the server every 2 s, so the bound holds with a 2x slower machine.
+REJOIN_BOUND = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_sigterm_stops_server_and_all_its_processes(setup: Path) -> None:
     """Also: the plain-text path (only with --insecure on both sides, and loudly), the
-    public port serving nothing but the Fleet API, and a client whose SuperNode dies."""
+    public port serving nothing but the Fleet API, and a client whose site node is
+    killed: the client rebuilds it, and it connects again."""
     h = Harness(setup / "h1")
     (setup / "h1").mkdir()
     port = free_port()
@@ -57,10 +63,11 @@ def test_sigterm_stops_server_and_all_its_processes(setup: Path) -> None:
         wait_until(lambda: bool(h.marked_running("flower-superlink")
                                 and h.marked_running("flwr-serverapp")), 60, server)
         public = public_paths(port)
+        (node,) = h.marked_running("mmfed.deploy.node")
+        os.kill(node, signal.SIGKILL)  # the client's own child dies behind its back
+        wait_until(lambda: client.text().count("connected to") == 2, 120, client)
         code = h.stop(server, timeout=60)
-        (supernode,) = h.marked_running("flower-supernode")
-        os.kill(supernode, signal.SIGKILL)  # the client's own child dies behind its back
-        client_code = client.wait(60)
+        client_code = h.stop(client, timeout=60)
         leftover = h.marked()
     finally:
         killed = h.cleanup()
@@ -68,9 +75,9 @@ def test_sigterm_stops_server_and_all_its_processes(setup: Path) -> None:
     assert code == 128 + signal.SIGTERM, server.text()[-2000:]
     assert server.text().strip().splitlines()[-1] == "mmfed: error: stopped by SIGTERM"
     assert "WARNING: --insecure: plain-text transport" in server.text()
-    assert client_code == 1, client.text()[-2000:]
-    assert client.text().strip().splitlines()[-1].startswith(
-        f"mmfed: error: SuperNode (pid {supernode}) exited unexpectedly with code -9")
+    assert client_code == 0, client.text()[-2000:]  # the node was rebuilt, then stopped
+    assert f"the site node (pid {node}) died unexpectedly (code -9); restarting it" \
+        in client.text()
     assert "WARNING: --insecure: plain-text connection" in client.text()
     # the public port is the Fleet API only: Control and Runtime APIs stay on loopback
     assert public["/v1/fleet/get-run"] not in (404, 502)
@@ -141,8 +148,11 @@ def test_dead_superlink_then_a_new_server_the_client_rejoins(setup: Path) -> Non
         first_code = first.wait(60)
         first_leftover = srv.marked()
         second = srv.mmfed("second", "server", *args, "--out", setup / "run-second")
-        wait_for_text(client, "reconnecting", 180)
-        wait_until(lambda: client.text().count(connected) == 2, 120, client)
+        wait_for_text(client, "reconnecting", 60)
+        wait_for_text(second, "listening on", 180)
+        up = time.monotonic()
+        wait_until(lambda: client.text().count(connected) == 2, REJOIN_BOUND, client)
+        rejoined = time.monotonic() - up
         second_code = srv.stop(second, timeout=60)
         client_code = cli.stop(client, timeout=60)
         leftover = srv.marked() + cli.marked()
@@ -160,3 +170,5 @@ def test_dead_superlink_then_a_new_server_the_client_rejoins(setup: Path) -> Non
     second_node = second.text().split("as node ")[1].split()[0]
     assert first_node != second_node  # really a new registration, on a new SuperLink
     assert f"as node {second_node} " in client.text()
+    print(f"site rejoined the new server {rejoined:.1f} s after it listened")
+    assert rejoined < REJOIN_BOUND
