@@ -51,6 +51,8 @@ POLL_BUSY = 0.25  # the longest wait between pulls while a run is active
 POLL_IDLE = 2.0  # ... and once nothing came for BUSY_FOR seconds (between runs)
 BUSY_FOR = 120.0
 POLL_GROWTH = 1.3
+PULL_RETRY_FIRST = 0.02  # seconds before re-asking for a message object not there yet
+PULL_RETRY_CAP = 0.5
 LOST_AFTER = 10.0  # seconds of failing calls before the connection is given up and rebuilt
 RUNS_KEPT = 4  # runs whose context (secure-aggregation state) is kept
 
@@ -274,9 +276,13 @@ class SiteNode:
         TaskIdentity.run_id = run_id  # what Flower's run_clientapp sets for a task
         TaskIdentity.node_id = self.node_id
         run = self.run_for(run_id, get_run, get_fab)
+        # The server pushes a message's objects after the message itself, so a pull can
+        # find one not there yet; Flower's default first retry waits 1 s, paid on most
+        # trips. A site's messages are small: retry soon, and often.
         message = pull_and_inflate_object_from_tree(
             tree, lambda oid: pull_object(run_id, oid),
-            lambda oid: confirm(run_id, oid), return_type=Message)
+            lambda oid: confirm(run_id, oid), return_type=Message,
+            initial_backoff=PULL_RETRY_FIRST, backoff_cap=PULL_RETRY_CAP)
         message.metadata.__dict__["_message_id"] = tree.object_id
         kind = message.metadata.message_type
         round_num = int(message.metadata.group_id) if message.metadata.group_id.isdigit() \
