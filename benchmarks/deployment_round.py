@@ -68,6 +68,8 @@ from typing import Any
 
 from bench_env import ENV, MMFED  # same folder
 
+from mmfed.deploy.processes import descendants, proc_table
+
 SAMPLE_SECONDS = 0.5  # memory sampling period (as the brief for this figure fixes it)
 POLL_SECONDS = 0.2  # how often the waits look at processes and metrics.jsonl
 STOP_GRACE = 60.0  # seconds a process gets after SIGTERM before SIGKILL
@@ -118,35 +120,9 @@ class Deadline:
 # --------------------------------------------------------------------------- /proc
 
 
-def proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) for every process, one consistent-enough snapshot."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-        except OSError:  # it exited between the listing and the read
-            continue
-        rest = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces
-        table[int(entry.name)] = (int(rest[1]), rest[0])
-    return table
-
-
 def tree(root: int, table: dict[int, tuple[int, str]], with_root: bool = True) -> list[int]:
     """``root`` and its living descendants, by parent links (zombies hold no memory)."""
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found = [root] if with_root and root in table else []
-    queue = list(children.get(root, []))
-    while queue:
-        pid = queue.pop()
-        if table[pid][1] != "Z":
-            found.append(pid)
-        queue.extend(children.get(pid, []))
-    return found
+    return ([root] if with_root and root in table else []) + descendants(root, table)
 
 
 def vm_hwm_kib(pid: int) -> int:

@@ -147,7 +147,7 @@ def wait_for_port(host: str, port: int, timeout: float,
     return False
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
+def proc_table() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, state) for every process, from /proc."""
     table: dict[int, tuple[int, str]] = {}
     for entry in os.scandir("/proc"):
@@ -163,10 +163,12 @@ def _proc_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def descendants(root: int | None = None) -> list[int]:
-    """Living (non-zombie) descendants of ``root`` (default: this process)."""
+def descendants(root: int | None = None,
+                table: dict[int, tuple[int, str]] | None = None) -> list[int]:
+    """Living (non-zombie) descendants of ``root`` (default: this process), from one
+    ``proc_table`` snapshot (taken now unless given)."""
     root = os.getpid() if root is None else root
-    table = _proc_table()
+    table = proc_table() if table is None else table
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
@@ -282,7 +284,7 @@ class Supervisor:
         self._last_reap = now
         me = os.getpid()
         managed = {c.pid for c in self.children}
-        for pid, (ppid, state) in _proc_table().items():
+        for pid, (ppid, state) in proc_table().items():
             if ppid == me and state == "Z" and pid not in managed:
                 with contextlib.suppress(ChildProcessError, OSError):
                     os.waitpid(pid, os.WNOHANG)

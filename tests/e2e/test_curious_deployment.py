@@ -19,11 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from mmfed.cli import main
-from mmfed.data.synth import SynthSettings, synthesize
 from mmfed.deploy.processes import free_port
 from mmfed.privacy.ledger import PrivacyLedger, ledger_dir, site_fingerprint
-from tests.e2e.harness import Harness
+from tests.e2e.harness import Harness, small_kit
 
 pytestmark = pytest.mark.slow
 SITES = ("site-1", "site-2", "site-3")
@@ -32,13 +30,7 @@ RUN_TIMEOUT = 300.0
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("curious-e2e")
-    synthesize(root / "fed", SynthSettings(sites=3, patients_per_site=40, holdout=40,
-                                           genes=20, seed=2, image_size=32))
-    for site in SITES:
-        assert main(["keys", "new", "--site", site, "--out", str(root / "keys")]) == 0
-    assert main(["certs", "init", "--out", str(root / "certs"), "--host", "127.0.0.1"]) == 0
-    return root
+    return small_kit(tmp_path_factory.mktemp("curious-e2e"), SITES, seed=2)
 
 
 def curious_run(kit: Path, name: str, *settings: str) -> tuple[int, list[dict[str, object]],

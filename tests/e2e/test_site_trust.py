@@ -25,12 +25,10 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from mmfed.cli import main
-from mmfed.data.synth import SynthSettings, synthesize
 from mmfed.deploy.processes import free_port
 from mmfed.deploy.release import deployment_pyproject, installed_app_hash, path_hash, short
 from mmfed.privacy.audit import verify
-from tests.e2e.harness import Harness, wait_for_text, wait_until
+from tests.e2e.harness import Harness, small_kit, wait_for_text, wait_until
 
 pytestmark = pytest.mark.slow
 SITES = ("site-1", "site-2", "site-3")
@@ -89,13 +87,7 @@ def main(grid: Grid, context: Context) -> None:
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("trust-e2e")
-    synthesize(root / "fed", SynthSettings(sites=3, patients_per_site=40, holdout=40,
-                                           genes=20, seed=5, image_size=32))
-    for site in SITES:
-        assert main(["keys", "new", "--site", site, "--out", str(root / "keys")]) == 0
-    assert main(["certs", "init", "--out", str(root / "certs"), "--host", "127.0.0.1"]) == 0
-    return root
+    return small_kit(tmp_path_factory.mktemp("trust-e2e"), SITES, seed=5)
 
 
 def probe_app(folder: Path) -> Path:
