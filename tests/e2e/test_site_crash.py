@@ -58,14 +58,20 @@ def test_killed_site_does_not_hold_the_round_and_rejoins(tmp_path: Path) -> None
         for site in ("site-1", "site-2", "site-3"):
             client(h, site, site)
         client(h4, "site-4", "site-4")
-        # site-4 has trained round 1 (its ledger has the spend): kill its whole machine
-        ledger4 = tmp_path / "ledger-site-4"
+        # site-4 has done the schema's secure sum (its audit trail says so) and is
+        # about to train round 1 or training it (DP training takes seconds): kill its
+        # whole machine. Not later: the warm site node sends its update milliseconds
+        # after the ledger write, and a site killed mid-upload makes Flower's ServerApp
+        # retry the missing objects until the push session expires (180 s, a SuperLink
+        # constant), which is Flower's stall, not the one this test bounds.
+        audit4 = tmp_path / "ledger-site-4" / "audit.jsonl"
         deadline = time.monotonic() + 300
-        while not (ledger4.exists() and any(p.name != "audit.jsonl"
-                                            for p in ledger4.glob("*.jsonl"))):
+        while not (audit4.exists()
+                   and '"request":"query.secagg_unmask"' in audit4.read_text()):
             assert time.monotonic() < deadline, server.text()[-3000:]
             assert server.proc.poll() is None, server.text()[-3000:]
             time.sleep(0.1)
+        time.sleep(1.0)
         for pid in h4.marked():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
