@@ -145,7 +145,6 @@ class SiteNode:
             "data-dir": plan.data, "policy": plan.policy, "ledger-dir": plan.ledger_dir}
         self.runs: OrderedDict[int, _Run] = OrderedDict()
         self.node_id = 0
-        self.check_seconds: list[float] = []
 
     # -- warm start -------------------------------------------------------------
     def warm(self) -> None:
@@ -231,7 +230,6 @@ class SiteNode:
 
         from mmfed.deploy.release import fab_hash
 
-        started = time.perf_counter()
         info = get_run(run_id)
         fab = get_fab(info.fab_hash, run_id)
         refusal: str | None
@@ -247,7 +245,6 @@ class SiteNode:
         run_config: dict[str, Any] = {}
         if refusal is None:
             run_config = get_fused_config_from_fab(fab.content, info)
-        self.check_seconds.append(time.perf_counter() - started)
         context = Context(run_id=run_id, node_id=self.node_id, node_config=self.node_config,
                           state=RecordDict(), run_config=run_config,
                           series_id=info.series_id)

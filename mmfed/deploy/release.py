@@ -37,6 +37,7 @@ from typing import Any
 
 import tomli_w
 
+from mmfed import __version__
 from mmfed.errors import ConfigError, UsageError
 
 PYPROJECT = "pyproject.toml"
@@ -127,8 +128,6 @@ def deployment_pyproject(config: Mapping[str, Any] | None = None) -> str:
     """The app ``mmfed server`` ships: mmfed's components, this installation's code
     digest, and (for a run) the fully resolved run config as the app's defaults —
     Flower accepts ``--run-config`` overrides only for keys the app declares."""
-    from mmfed import __version__
-
     app: dict[str, Any] = {"publisher": "mmfed",
                            "components": {"serverapp": SERVER_COMPONENT,
                                           "clientapp": CLIENT_COMPONENT}}
@@ -215,14 +214,9 @@ def app_command(path: Path | None, installed: bool) -> int:
     if installed == (path is not None):
         raise UsageError("mmfed app hash: give an app folder or .fab file, or --installed")
     if path is None:
-        print(f"{installed_app_hash()}  mmfed {_version()} as `mmfed server` ships it "
+        print(f"{installed_app_hash()}  mmfed {__version__} as `mmfed server` ships it "
               f"(code {short(installed_code_digest())})")
     else:
         print(f"{path_hash(path)}  {path}")
     return 0
 
-
-def _version() -> str:
-    from mmfed import __version__
-
-    return __version__
