@@ -58,6 +58,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remove a whole modality from a site, e.g. genomics@site-2")
     synth.add_argument("--patient-missing", type=float, default=0.1,
                        help="fraction of patients lacking each optional modality")
+    imp = data_sub.add_parser(
+        "import", help="turn a hospital export (EHR extract, PACS/DICOM export, expression "
+        "matrix) into a site folder",
+        description="Turn a hospital export into a site folder. Patients are the records' "
+        "rows; a DICOM file belongs to the patient in its PatientID, any other image to the "
+        "patient its file stem names. Only pixels are copied (as images/<patient_id>.npy); "
+        "import.json names source files by the SHA-256 of their bytes, never by path. The "
+        "folder appears only when everything has been read and checked.")
+    imp.add_argument("--out", type=Path, required=True, metavar="SITE",
+                     help="site folder to create (must not exist unless --force)")
+    imp.add_argument("--name", required=True, help="site name written to site.toml")
+    imp.add_argument("--records", type=Path, required=True, metavar="FILE",
+                     help="EHR extract: CSV/TSV (delimiter detected) or Parquet")
+    imp.add_argument("--id-column", required=True, metavar="COL",
+                     help="the records' patient id column (becomes patient_id)")
+    imp.add_argument("--label", required=True, metavar="COL",
+                     help="the records' outcome column (becomes label)")
+    imp.add_argument("--classes", metavar="A,B,...", help="allowed label values in order "
+                     "(default: the sorted distinct values)")
+    imp.add_argument("--images", type=Path, metavar="DIR", help="image export, searched "
+                     "recursively (DICOM, PNG, JPEG, TIFF, NPY)")
+    imp.add_argument("--image-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"),
+                     help="height and width of the imported images (default 64 64)")
+    imp.add_argument("--genomics", type=Path, metavar="FILE", help="expression matrix: "
+                     "CSV/TSV/Parquet/GCT, samples x genes or genes x samples")
+    imp.add_argument("--force", action="store_true", help="replace an existing site folder")
+    imp.add_argument("--drop", metavar="COL,...", help="records columns not to import "
+                     "(direct identifiers such as names or birth dates)")
+    imp.add_argument("--workers", type=int, metavar="N", help="decoding processes "
+                     "(default: the CPU count, at most 4)")
+    imp.add_argument("--quiet", action="store_true", help="do not list skipped files and "
+                     "warnings")
     check = data_sub.add_parser("check", help="validate one site folder")
     check.add_argument("dir", type=Path)
     check.add_argument("--quiet", action="store_true", help="do not print warnings")
@@ -246,7 +278,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
             return 1
         print(f"ok: {summarize(result.site)}")
         return 0
-    raise UsageError("mmfed data: choose an action: synth or check (see mmfed data --help)")
+    if args.data_command == "import":
+        from mmfed.data.importer import import_from_args
+
+        return import_from_args(args)
+    raise UsageError("mmfed data: choose an action: synth, import or check (see mmfed data "
+                     "--help)")
 
 
 def _cmd_privacy(args: argparse.Namespace) -> int:

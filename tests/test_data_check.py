@@ -175,7 +175,10 @@ def _small_png(site: Path) -> None:
 
 
 def _rgb_png(site: Path) -> None:
-    save_png(first_image(site), np.zeros((SIZE, SIZE, 3), np.uint8), "RGB")
+    """Real colour (channels differ); equal channels are read as grayscale."""
+    rgb = np.zeros((SIZE, SIZE, 3), np.uint8)
+    rgb[..., 0] = 200
+    save_png(first_image(site), rgb, "RGB")
 
 
 def _symlink_out(site: Path) -> None:
@@ -278,7 +281,7 @@ DEFECTS: list[tuple[str, Mutation, tuple[str, ...]]] = [
     ("label-column-missing", _drop_label_column, ("records.csv", "no label column 'label'")),
     ("label-column-renamed-in-toml", lambda s: edit_toml(s, 'label = "label"', 'label = "dx"'),
      ("records.csv", "no label column 'dx'")),
-    ("rgb-png", _rgb_png, ("images/", "IMG.png", "not grayscale", "RGB")),
+    ("rgb-png", _rgb_png, ("images/", "IMG.png", "colour PNG", "RGB", "mmfed data import")),
     # beyond the required kinds
     ("corrupt-dicom", _corrupt_dicom, ("images/", "IMG.dcm", "not a readable DICOM")),
     ("complex-npy", _complex_npy, ("images/", "IMG.npy", "complex")),

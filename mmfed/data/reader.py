@@ -79,7 +79,7 @@ def _examples(items: list[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _bad_id(pid: str) -> str | None:
+def bad_id(pid: str) -> str | None:
     if pid in MISSING_MARKERS or not pid.strip():
         return "empty"
     if "/" in pid or "\\" in pid or ".." in pid:
@@ -133,7 +133,7 @@ def _read_csv(path: Path, problems: list[str]) -> pd.DataFrame | None:
     return frame
 
 
-def _to_float(values: pd.Series) -> tuple[np.ndarray, list[int]]:
+def to_float(values: pd.Series) -> tuple[np.ndarray, list[int]]:
     """Parse text cells as floats; returns values (NaN for missing) and bad row indices."""
     text = values.astype(str).str.strip()
     missing = text.isin(MISSING_MARKERS).to_numpy()
@@ -150,7 +150,7 @@ def _to_float_block(frame: pd.DataFrame) -> np.ndarray | None:
     Thousands of gene columns parsed one by one cost seconds per site, which a
     100-site simulation pays on every site load. Returns None whenever any cell is
     not a plain finite number or a missing marker, so that the per-column path
-    (``_to_float``) can name the bad cells; the ASCII/underscore guard keeps numpy
+    (``to_float``) can name the bad cells; the ASCII/underscore guard keeps numpy
     from accepting text pandas would reject ("1_000", non-ASCII digits).
     """
     text = np.char.strip(frame.to_numpy(dtype=str))
@@ -175,7 +175,7 @@ def _check_ids(frame: pd.DataFrame, fname: str, problems: list[str]) -> list[str
     ids = [str(v) for v in frame["patient_id"].tolist()]
     bad: dict[str, list[str]] = {}
     for line, pid in enumerate(ids, start=2):
-        why = _bad_id(pid)
+        why = bad_id(pid)
         if why is not None:
             bad.setdefault(why, []).append(f"line {line}")
     for why, where in bad.items():
@@ -184,7 +184,7 @@ def _check_ids(frame: pd.DataFrame, fname: str, problems: list[str]) -> list[str
     seen: dict[str, int] = {}
     for pid in ids:
         seen[pid] = seen.get(pid, 0) + 1
-    dup = [p for p, c in seen.items() if c > 1 and _bad_id(p) is None]
+    dup = [p for p, c in seen.items() if c > 1 and bad_id(p) is None]
     if dup:
         problems.append(f"{fname}: duplicate patient_id {_examples([repr(d) for d in dup])}")
     return ids
@@ -236,7 +236,7 @@ def _read_records(folder: Path, spec: SiteSpec, problems: list[str],
     cat_vals: list[list[str | None]] = []
     for col in clinical:
         cells = frame[col].astype(str)
-        values, bad = _to_float(cells)
+        values, bad = to_float(cells)
         present = int((~cells.str.strip().isin(MISSING_MARKERS)).sum())
         forced_num = col in spec.numeric
         forced_cat = col in spec.categorical
@@ -270,9 +270,28 @@ def _inside(folder: Path, path: Path) -> bool:
     return True
 
 
-def _load_image(path: Path) -> np.ndarray:
-    """Load one grayscale image as float32 (H, W); raises ValueError with the reason."""
+def _one_channel(arr: np.ndarray, what: str, notes: list[str]) -> np.ndarray:
+    """A colour array whose channels are all equal is a grayscale image an export tool
+    saved as RGB: take one channel (with a note); real colour stays an error, since which
+    luminance the model should see is the import's decision, not the reader's."""
+    from mmfed.data.pixels import equal_channels
+
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        gray = equal_channels(arr)
+        if gray is None:
+            raise ValueError(f"colour {what} (channels differ); convert it with "
+                             "`mmfed data import`")
+        notes.append("equal colour channels")
+        return gray
+    return arr
+
+
+def _load_image(path: Path, notes: list[str] | None = None) -> np.ndarray:
+    """Load one grayscale image as float32 (H, W); raises ValueError with the reason.
+
+    ``notes`` collects conversions the caller should warn about."""
     arr: np.ndarray  # np.load is typed Any
+    notes = [] if notes is None else notes
     ext = path.suffix.lower()
     if ext == ".npy":
         try:
@@ -291,9 +310,12 @@ def _load_image(path: Path) -> np.ndarray:
         try:
             with Image.open(path) as img:
                 img.load()
-                if img.mode not in ("L", "I", "I;16", "I;16B", "F", "1"):
+                if img.mode in ("RGB", "RGBA"):
+                    arr = _one_channel(np.asarray(img), f"PNG (mode {img.mode})", notes)
+                elif img.mode not in ("L", "I", "I;16", "I;16B", "F", "1"):
                     raise ValueError(f"not grayscale (mode {img.mode})")
-                arr = np.asarray(img)
+                else:
+                    arr = np.asarray(img)
         except Image.DecompressionBombError as exc:
             raise ValueError("too many pixels (decompression-bomb limit)") from exc
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
@@ -306,6 +328,9 @@ def _load_image(path: Path) -> np.ndarray:
             arr = np.asarray(ds.pixel_array)
         except Exception as exc:  # pydicom raises many types (struct.error, ...) when corrupt
             raise ValueError("not a readable DICOM image") from exc
+        if arr.ndim == 3 and str(ds.get("SamplesPerPixel", 1)) == "3":
+            arr = _one_channel(arr, f"DICOM ({ds.get('PhotometricInterpretation', '?')})",
+                               notes)
         if arr.ndim != 2:
             raise ValueError(f"expected one grayscale frame, got shape {arr.shape}")
     arr = arr.astype(np.float32)
@@ -341,6 +366,7 @@ def _read_images(folder: Path, spec: SiteSpec, ids: list[str], problems: list[st
     escaping: list[str] = []
     others: list[str] = []
     dupes: list[str] = []
+    converted: list[str] = []
     for path in sorted(img_dir.iterdir()):
         if path.name.startswith("."):
             continue
@@ -359,11 +385,14 @@ def _read_images(folder: Path, spec: SiteSpec, ids: list[str], problems: list[st
         if pid not in row:
             unknown.append(path.name)
             continue
+        notes: list[str] = []
         try:
-            arr = _load_image(path)
+            arr = _load_image(path, notes)
         except ValueError as exc:
             unreadable.append(f"{path.name} ({exc})")
             continue
+        if notes:
+            converted.append(path.name)
         if arr.shape != (h, w):
             wrong_size.append(f"{path.name} is {arr.shape[0]}x{arr.shape[1]}")
             continue
@@ -380,7 +409,11 @@ def _read_images(folder: Path, spec: SiteSpec, ids: list[str], problems: list[st
         problems.append(f"images/: unreadable image {_examples(unreadable)}")
     if wrong_size:
         problems.append(f"images/: wrong size (site.toml says {h}x{w}): "
-                        f"{_examples(wrong_size)}")
+                        f"{_examples(wrong_size)}; `mmfed data import --image-size {h} {w}` "
+                        "resizes an export")
+    if converted:
+        warnings.append(f"images/: {len(converted)} image(s) stored as colour with equal "
+                        f"channels, read as grayscale: {_examples(converted)}")
     if others:
         warnings.append(f"images/: ignored files that are not .png/.npy/.dcm: "
                         f"{_examples(others)}")
@@ -428,7 +461,7 @@ def _read_genomics(folder: Path, spec: SiteSpec, ids: list[str], problems: list[
         problems.append(f"{fname}: no gene columns")
         return [], None, mask
     row = {pid: i for i, pid in enumerate(ids)}
-    unknown = [g for g in gids if g not in row and _bad_id(g) is None]
+    unknown = [g for g in gids if g not in row and bad_id(g) is None]
     if unknown:
         problems.append(f"{fname}: patient_ids not in records.csv: "
                         f"{_examples([repr(u) for u in unknown])}")
@@ -441,7 +474,7 @@ def _read_genomics(folder: Path, spec: SiteSpec, ids: list[str], problems: list[
         values[dst] = block[src]
     else:
         for j, gene in enumerate(genes):
-            col, bad = _to_float(frame[gene])
+            col, bad = to_float(frame[gene])
             bad_cells += [f"line {i + 2} column '{gene}'" for i in bad]
             values[dst, j] = col[src]
     if bad_cells:

@@ -16,7 +16,7 @@ import tomli_w
 
 MODALITIES = ("records", "images", "genomics")
 OPTIONAL_MODALITIES = ("images", "genomics")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KNOWN_TOP = {"name", "task", "modalities", "images", "records", "genomics", "synthetic",
               "description"}
 
@@ -75,7 +75,7 @@ def parse_site_spec(path: Path) -> tuple[SiteSpec | None, list[str]]:
             problems.append(f"{where}: unknown key '{key}'")
 
     name = raw.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not SITE_NAME_RE.match(name):
         problems.append(f"{where}: 'name' must be 1-64 letters, digits, '.', '_' or '-' "
                         f"(got {name!r})")
 
