@@ -55,6 +55,7 @@ BENCHES = (
     Bench("sim_scaling", ("benchmarks/sim_scaling.py", "--sites", "10", "30", "100")),
     Bench("deployment_round", ("benchmarks/deployment_round.py",), optional=True),
     Bench("utility", ("benchmarks/utility.py",)),
+    Bench("import_speed", ("benchmarks/import_speed.py",)),
     Bench("gpu_check", ("benchmarks/gpu_check.py",), cuda=True),
 )
 
@@ -232,6 +233,16 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows.append(("holdout AUROC, default cohort (3 sites, 5 rounds)", value, bench.command))
     rows.append(("bytes up per site per round / fp32 model, default cohort (secure)",
                  bytes_value, bench.command))
+
+    bench, r = by_name["import_speed"], _get(results, "import_speed")
+    for syntax, cell in ((r or {}).get("syntaxes") or {"explicit VR little endian": None,
+                                                        "JPEG 2000": None}).items():
+        value = (f"**{cell['images_per_s_workers_1']} images/s** (1 process), "
+                 f"{cell['images_per_s_workers_2']} (2 processes, "
+                 f"{cell['speedup_2_workers']}×)" if cell else _missing(results, bench))
+        rows.append((f"`mmfed data import` speed, {syntax}, 512×512 → 64×64 "
+                     f"({(r or {}).get('patients', 300)} patients, whole import)", value,
+                     bench.command))
 
     bench, r = by_name["gpu_check"], _get(results, "gpu_check")
     if r:

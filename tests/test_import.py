@@ -83,6 +83,16 @@ def test_pacs_export_imports_in_one_command(tmp_path: Path, layout: str) -> None
         if entry is not None:
             assert entry["kind"] == manifest["kinds"][pid]
             assert entry["transforms"] is not None and entry["rule"]
+    # Every transfer syntax real archives use decoded (pixels from pydicom's own objects).
+    decoded = set(report["images"]["imported_by_encoding"])
+    assert {"Explicit VR Little Endian", "Implicit VR Little Endian", "Explicit VR Big Endian",
+            "Deflated Explicit VR Little Endian", "RLE Lossless", "JPEG Baseline (Process 1)",
+            "JPEG Extended (Process 2 and 4)", "JPEG-LS Lossless Image Compression",
+            "JPEG 2000 Image Compression", "PNG", "TIFF"} <= decoded, decoded
+    assert any(d.startswith("JPEG Lossless") for d in decoded), decoded
+    # A patient whose every file is unusable is imported without an image, and counted.
+    assert report["images"]["patients_without_image"] == len(manifest["no_image_patients"])
+    assert f"{len(manifest['no_image_patients'])} without" in proc.stdout
     # The export's absent patient is counted, not imported.
     assert report["images"]["absent_from_records"]["patients"] == len(manifest["absent_ids"])
     for pid in manifest["absent_ids"]:

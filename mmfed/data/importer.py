@@ -193,7 +193,7 @@ def _progress(total: int, label: str) -> Iterator[Callable[[], None]]:
         yield lambda: bar.advance(task)
 
 
-_Decoded = tuple[np.ndarray | None, list[str], list[str], str, str]
+_Decoded = tuple[np.ndarray | None, list[str], list[str], str, str, str]
 
 
 def _decode_one(args: tuple[Candidate, tuple[int, int]]) -> _Decoded:
@@ -203,11 +203,11 @@ def _decode_one(args: tuple[Candidate, tuple[int, int]]) -> _Decoded:
     try:
         out = decode(cand, size)
     except SkipFile as exc:
-        return None, [], [], exc.category, str(exc)
+        return None, [], [], "", exc.category, str(exc)
     except Exception as exc:  # a decoder bug must cost one file, not the import
-        return None, [], [], CATEGORY_UNDECODABLE, one_line(
+        return None, [], [], "", CATEGORY_UNDECODABLE, one_line(
             f"{CATEGORY_UNDECODABLE} ({type(exc).__name__})")
-    return out.pixels, out.transforms, out.warnings, "", ""
+    return out.pixels, out.transforms, out.warnings, out.encoding, "", ""
 
 
 @dataclass
@@ -223,6 +223,7 @@ class _Images:
     unchosen: int
     seconds: float
     warnings: list[str]
+    encodings: Counter[str]
 
 
 def _import_images(root: Path, ids: set[str], size: tuple[int, int],
@@ -265,6 +266,7 @@ def _import_images(root: Path, ids: set[str], size: tuple[int, int],
     pixels: dict[str, np.ndarray] = {}
     entries: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
+    encodings: Counter[str] = Counter()
     unchosen = 0
     pending = {pid: list(cands) for pid, cands in sorted(by_patient.items())}
     total = {pid: len(cands) for pid, cands in pending.items()}
@@ -284,7 +286,7 @@ def _import_images(root: Path, ids: set[str], size: tuple[int, int],
                 results = (list(pool.map(_decode_one, jobs, chunksize=4)) if pool
                            else [_decode_one(job) for job in jobs])
                 still: dict[str, list[Candidate]] = {}
-                for (pid, (cand, rule)), (arr, transforms, warns, category, err) in zip(
+                for (pid, (cand, rule)), (arr, transforms, warns, encoding, category, err) in zip(
                         chosen.items(), results, strict=True):
                     rest = [c for c in pending[pid] if c is not cand]
                     if arr is None:
@@ -299,7 +301,9 @@ def _import_images(root: Path, ids: set[str], size: tuple[int, int],
                         continue
                     pixels[pid] = arr
                     unchosen += len(rest)
+                    encodings[encoding] += 1
                     entries[pid] = {"sha256": digests[cand.path], "kind": cand.kind,
+                                    "encoding": encoding,
                                     "candidates": total[pid],
                                     "rule": rule, "transforms": transforms}
                     if warns:
@@ -313,7 +317,8 @@ def _import_images(root: Path, ids: set[str], size: tuple[int, int],
     return _Images(pixels=pixels, entries=entries, skipped=skipped, skipped_console=console,
                    counts=counts, files=len(files), absent_patients=len(absent),
                    absent_files=sum(absent.values()), unchosen=unchosen,
-                   seconds=time.perf_counter() - start, warnings=warnings)
+                   seconds=time.perf_counter() - start, warnings=warnings,
+                   encodings=encodings)
 
 
 def _identifying_columns(columns: list[str]) -> list[str]:
@@ -408,6 +413,7 @@ def import_site(s: ImportSettings) -> ImportResult:
             "absent_from_records": {"patients": images.absent_patients,
                                     "files": images.absent_files},
             "not_chosen": images.unchosen,
+            "imported_by_encoding": dict(sorted(images.encodings.items())),
             "skipped_by_reason": dict(sorted(images.counts.items())),
             "rules": RULES}
         report["skipped"] = sorted(images.skipped, key=lambda e: (e["reason"], e["sha256"]))
@@ -428,7 +434,8 @@ def import_site(s: ImportSettings) -> ImportResult:
 RULES = [
     "a DICOM file belongs to the patient in its PatientID; any other image to its file stem",
     "several images of one patient: DICOM before other files; the series with the most "
-    "images (ties: lowest SeriesNumber, then path); its middle instance by InstanceNumber",
+    "images, frames counted (ties: lowest SeriesNumber, then path); its middle instance "
+    "by InstanceNumber (ties: path); other files: the first by path",
     "multi-frame objects: the middle frame",
     "modality LUT (rescale slope/intercept or LUT sequence) applied; MONOCHROME1 inverted",
     "colour (RGB, YBR, palette) to luminance (ITU-R BT.601), with a warning",

@@ -139,6 +139,9 @@ class Decoded:
     pixels: np.ndarray  # float32 (H, W) of the requested size, finite
     transforms: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # How the source stored its pixels (a DICOM transfer syntax name, or the file kind):
+    # what an operator needs to see which decoders their archive relies on.
+    encoding: str = ""
 
 
 @contextmanager
@@ -628,6 +631,7 @@ def _decode_dicom(path: Path, out: Decoded) -> np.ndarray:
     except Exception:
         raise SkipFile(CATEGORY_CORRUPT, "DICOM file cannot be read") from None
     ts = _transfer_syntax(ds)
+    out.encoding = _ts_label(ts)
     if getattr(ds, "file_meta", None) is None:
         ds.file_meta = FileMetaDataset()
     if not ds.file_meta.get("TransferSyntaxUID"):
@@ -728,6 +732,7 @@ def _modality_lut(arr: np.ndarray, ds: Dataset, index: int, out: Decoded) -> np.
 
 
 def _decode_pillow(path: Path, kind: str, out: Decoded) -> np.ndarray:
+    out.encoding = kind.upper()
     try:
         with Image.open(path) as img:
             pages = int(getattr(img, "n_frames", 1)) if kind == "tiff" else 1
@@ -766,6 +771,7 @@ def _pillow_pixels(img: Image.Image, out: Decoded) -> np.ndarray:
 
 
 def _decode_npy(path: Path, out: Decoded) -> np.ndarray:
+    out.encoding = "NPY"
     shape, _ = _npy_header(path)
     layout, frames, _, _ = _npy_layout(shape)
     try:
