@@ -237,8 +237,8 @@ def _import_images(root: Path, ids: set[str], size: tuple[int, int],
 
     def skip(path: Path, category: str, reason: str) -> None:
         counts[category] += 1
-        digest = digests.get(path) or file_digest(path)
-        skipped.append({"sha256": digest, "reason": reason})
+        # An unreadable file has no digest: it is listed by an empty one, still counted.
+        skipped.append({"sha256": digests.get(path, ""), "reason": reason})
         console.append((path.name, reason))
 
     by_patient: dict[str, list[Candidate]] = {}
