@@ -281,7 +281,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "import":
         from mmfed.data.importer import import_from_args
 
-        return import_from_args(args)
+        code = import_from_args(args)
+        # Everything is written and printed; end without running native libraries'
+        # exit-time destructors (Arrow's thread pool aborted a loaded CI machine's
+        # import once, after its work was done, turning exit 1 into SIGABRT).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     raise UsageError("mmfed data: choose an action: synth, import or check (see mmfed data "
                      "--help)")
 

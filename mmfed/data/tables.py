@@ -279,13 +279,16 @@ def _parse_delimited(name: str, text: str, delimiter: str, *, short_header_ok: b
                                                  strings_can_be_null=False,
                                                  quoted_strings_can_be_null=False))
 
+    # Arrow's threads buy nothing here (one 64 MiB block holds any realistic extract),
+    # and a process that started Arrow's thread pool was seen to abort at exit on a
+    # loaded machine ("terminate called without an active exception").
     try:
-        table = read(True, None)
+        table = read(False, None)
         if table.num_columns != width and not short:
             # The csv module could not read the header (a field beyond its size
             # limit); Arrow's own count is the truth, read again with it.
             width = table.num_columns
-            table = read(True, None, width)
+            table = read(False, None, width)
     except pa.ArrowException as exc:
         raise _malformed(name, text, delimiter, what, exc, read, short,
                          line_offset) from None
