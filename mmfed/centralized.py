@@ -40,13 +40,13 @@ def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, A
 
     from mmfed.ml.device import resolve_device
     from mmfed.ml.model import build_model
-    from mmfed.ml.training import evaluate, train_local
+    from mmfed.ml.training import evaluate, site_spec, train_local
     from mmfed.site.runtime import site_seed
 
     started = time.perf_counter()
     schema, train, holdout = pooled_training_data(cfg)
     model = build_model(schema, cfg.model_spec(), seed=cfg["seed"])
-    spec = cfg.train_spec()
+    spec = site_spec(cfg.train_spec(), len(train))
     device = resolve_device(spec.device)
     epochs = cfg["rounds"] * spec.epochs
     one_epoch = type(spec)(**{**spec.__dict__, "epochs": 1})

@@ -164,6 +164,16 @@ class TrainConfig(_Section):
         default="auto",
         description="auto uses CUDA when present, so one config runs anywhere; or cpu, "
         "cuda, cuda:N, mps")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        default="adamw",
+        description="adamw for local epochs; sgd for full-batch rounds, where the server's "
+        "weighted average of the sites' steps is then exactly one SGD step on the "
+        "federation's mean gradient (FedSGD)")
+    full_batch: bool = Field(
+        default=False,
+        description="each local step uses all of a site's training patients (sample rate "
+        "1): fewer, larger steps, whose DP noise is spread over every patient; what small "
+        "sites and strict budgets need (configs/fedsgd.toml, benchmarks/dp_utility.py)")
 
     @model_validator(mode="before")
     @classmethod
@@ -274,9 +284,11 @@ class SitePrivacyConfig(_Section):
         default="rdp",
         description="rdp is the common standard; prv gives tighter epsilon bounds")
     max_noise_multiplier: float = Field(
-        default=10.0, ge=0.1, le=1000.0,
+        default=50.0, ge=0.1, le=1000.0,
         description="a budget that would need more noise is refused rather than training "
-        "on noise")
+        "on noise; full-batch rounds spread σ over every patient of a site, so at ε = 1 "
+        "they need σ near 25 and still learn (the expected signal-to-noise figure, not σ "
+        "alone, says when noise swamps a site)")
     secure_aggregation: Literal["required", "optional"] = Field(
         default="required",
         description="required: the site never answers a plaintext train request, so a "
@@ -291,6 +303,17 @@ class SitePrivacyConfig(_Section):
         "its own; with 2, each site can subtract its update from the sum and read the "
         "other's, and 1 lets the server see the update alone (both allowed, with a "
         "warning)")
+    noise: Literal["local", "distributed"] = Field(
+        default="local",
+        description="local: each site's update carries all the DP noise (DP-SGD), private "
+        "whoever sees it; distributed: each site adds only its share inside secure "
+        "aggregation, so the sum carries the full noise and the model much less "
+        "(needs train.full_batch, one local epoch and plain SGD; README, Privacy)")
+    colluders: int = Field(
+        default=0, ge=0, le=100_000,
+        description="distributed noise only: how many other sites of a sum may share "
+        "their noise shares with the server; the site adds enough for the guarantee to "
+        "survive them")
 
 
 class PrivacyConfig(SitePrivacyConfig):

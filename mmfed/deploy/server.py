@@ -65,7 +65,7 @@ def say(text: str) -> None:
 
 def plan_from_args(args: argparse.Namespace) -> ServerPlan:
     from mmfed.run.prepare import check_cohort, default_out, validate_holdout
-    from mmfed.server.secure_settings import check_secagg_settings
+    from mmfed.server.secure_settings import check_distributed_settings, check_secagg_settings
 
     resume = getattr(args, "resume", None)
     if resume:
@@ -122,6 +122,7 @@ def plan_from_args(args: argparse.Namespace) -> ServerPlan:
     if admitted and sites > len(admitted):
         raise UsageError(f"--sites {sites} but only {len(admitted)} site key(s) admitted")
     cfg.set("data.sites", sites)
+    check_distributed_settings(cfg)
     if cfg["secagg.enabled"]:
         check_secagg_settings(cfg, sites)
     else:  # the request stops asking for it; each site's own policy still decides

@@ -94,7 +94,18 @@ def train_epochs(model: nn.Module, loader: DataLoader[Any], optimizer: torch.opt
 
 
 def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    """AdamW, or plain SGD (no momentum: a FedSGD round is one stateless step)."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def site_spec(spec: TrainSpec, n_train: int) -> TrainSpec:
+    """The spec one site trains with: under ``full_batch`` its batch is all its patients,
+    so every step is one step over the whole site (Poisson sample rate 1 under DP)."""
+    if not spec.full_batch:
+        return spec
+    return spec.model_copy(update={"batch_size": max(1, int(n_train))})
 
 
 def train_local(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes: int,

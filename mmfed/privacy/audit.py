@@ -48,6 +48,9 @@ RESERVED = frozenset({"seq", "time", "kind", "prev", "hash"})
 # is kept as ``ledger_time``: ``time`` is the audit entry's).
 RELEASE_FIELDS = ("site", "run_id", "round", "sigma", "sample_rate", "steps", "epsilon",
                   "delta", "accountant", "fingerprint")
+# ... and, for a distributed-DP release, what its accounting rests on
+DISTRIBUTED_FIELDS = ("mechanism", "rounds", "mu_total", "mu_share", "l1", "l2",
+                      "survivors", "colluders")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # How much of the log's end an append reads at first to find the last entry; doubled
 # until one complete line is in it (entries are a few hundred bytes).
@@ -195,7 +198,8 @@ class AuditLog:
     def release(self, ledger_entry: Mapping[str, Any]) -> dict[str, Any]:
         """The privacy ledger entry a release cost, copied so that the trail alone shows
         every release with its (σ, q, steps) and the ε after it."""
-        fields: dict[str, JsonValue] = {k: ledger_entry[k] for k in RELEASE_FIELDS
+        fields: dict[str, JsonValue] = {k: ledger_entry[k] for k in
+                                        (*RELEASE_FIELDS, *DISTRIBUTED_FIELDS)
                                         if k in ledger_entry}
         if "time" in ledger_entry:
             fields["ledger_time"] = ledger_entry["time"]

@@ -24,7 +24,7 @@ from typing import Any
 
 from mmfed.errors import DataError
 from mmfed.files import PRIVATE_FILE, atomic_write_bytes, private_dir
-from mmfed.privacy.accounting import Event, epsilon_of
+from mmfed.privacy.accounting import Event, SkellamEvent, epsilon_mixed, epsilon_of
 from mmfed.privacy.audit import AuditLog
 
 DEFAULT_LEDGER_DIR = Path("~/.mmfed/privacy-ledger")
@@ -32,6 +32,7 @@ DEFAULT_LEDGER_DIR = Path("~/.mmfed/privacy-ledger")
 # harness move every site's ledger at once without editing each config.
 LEDGER_ENV = "MMFED_LEDGER_DIR"
 FORMAT = "mmfed-privacy-ledger/1"
+SKELLAM = "skellam"  # a distributed-DP release (mmfed.privacy.distributed)
 
 
 def site_fingerprint(folder: Path | str) -> str:
@@ -68,10 +69,32 @@ class Entry:
     accountant: str
     time: float
     site: str
+    mechanism: str = "gaussian"
+    # distributed DP: (rounds, aggregate μ, L1, L2 in code units); None for DP-SGD
+    skellam: SkellamEvent | None = None
 
     @property
     def event(self) -> Event:
         return (self.sigma, self.sample_rate, self.steps)
+
+
+def history_epsilon(records: list[dict[str, Any]], delta: float, accountant: str) -> float:
+    """ε of a ledger's records, recomputed from their events alone.
+
+    DP-SGD releases are (σ, q, steps) events for the chosen accountant; a history with
+    distributed-DP releases composes everything in Rényi DP (the Skellam bound has no
+    PRV form), so such a ledger refuses any other accountant.
+    """
+    gaussian = [(float(r["sigma"]), float(r["sample_rate"]), int(r["steps"]))
+                for r in records if r.get("mechanism", "gaussian") != SKELLAM]
+    skellam = [(int(r["rounds"]), float(r["mu_total"]), float(r["l1"]), float(r["l2"]))
+               for r in records if r.get("mechanism") == SKELLAM]
+    if not skellam:
+        return epsilon_of(gaussian, delta, accountant)
+    if accountant != "rdp":
+        raise DataError(f"the privacy ledger holds distributed-DP releases, which only the "
+                        f"rdp accountant composes; privacy.accountant is {accountant!r}")
+    return epsilon_mixed(gaussian, skellam, delta)
 
 
 class PrivacyLedger:
@@ -118,31 +141,45 @@ class PrivacyLedger:
                           sigma=float(r["sigma"]), sample_rate=float(r["sample_rate"]),
                           steps=int(r["steps"]), epsilon=float(r["epsilon"]),
                           delta=float(r["delta"]), accountant=str(r["accountant"]),
-                          time=float(r["time"]), site=str(r.get("site", "")))
+                          time=float(r["time"]), site=str(r.get("site", "")),
+                          mechanism=str(r.get("mechanism", "gaussian")),
+                          skellam=(int(r["rounds"]), float(r["mu_total"]), float(r["l1"]),
+                                   float(r["l2"])) if r.get("mechanism") == SKELLAM else None)
                     for r in self._read()]
         except (KeyError, TypeError, ValueError):
             raise DataError(f"{self.path}: privacy ledger has a malformed entry; refusing "
                             "to train (the spent budget is unknown)") from None
 
     def history(self) -> list[Event]:
-        return [e.event for e in self.entries()]
+        """The DP-SGD events (distributed-DP releases are in ``skellam_history``)."""
+        return [e.event for e in self.entries() if e.skellam is None]
+
+    def skellam_history(self) -> list[SkellamEvent]:
+        return [e.skellam for e in self.entries() if e.skellam is not None]
 
     def spent(self, delta: float, accountant: str) -> float:
-        return epsilon_of(self.history(), delta, accountant)
+        return history_epsilon(self._read(), delta, accountant)
 
     def record(self, *, run_id: str, round_num: int, event: Event, delta: float,
-               accountant: str, site: str) -> Entry:
+               accountant: str, site: str, distributed: dict[str, Any] | None = None
+               ) -> Entry:
         """Append one release durably, and to the folder's audit trail; ε after it is
-        recomputed from the full history."""
+        recomputed from the full history.
+
+        ``distributed``: a distributed-DP release, with every figure its accounting
+        needs (``rounds``, ``mu_total``, ``l1``, ``l2``) and those that justify them
+        (noise share, survivors assumed, scale, modulus bits, rounding inflation,
+        wraparound bound), so that the ledger alone recomputes its ε.
+        """
         with self._locked():
             existing = self._read()
-            history = [(float(r["sigma"]), float(r["sample_rate"]), int(r["steps"]))
-                       for r in existing]
-            eps = epsilon_of([*history, event], delta, accountant)
             record = {"format": FORMAT, "fingerprint": self.fingerprint, "site": site,
                       "run_id": run_id, "round": round_num, "sigma": event[0],
-                      "sample_rate": event[1], "steps": event[2], "epsilon": eps,
+                      "sample_rate": event[1], "steps": event[2],
                       "delta": delta, "accountant": accountant, "time": time.time()}
+            if distributed is not None:
+                record.update(distributed, mechanism=SKELLAM)
+            record["epsilon"] = history_epsilon([*existing, record], delta, accountant)
             text = "".join(json.dumps(r) + "\n" for r in [*existing, record])
             atomic_write_bytes(self.path, text.encode(), private=True)
             # Still under the ledger's lock, so the trail lists one dataset's releases in

@@ -36,7 +36,10 @@ class PrivacyPolicy(SitePrivacyConfig):
             "max_grad_norm": min(self.max_grad_norm, request.max_grad_norm),
             "secure_aggregation": "required" if required else "optional",
             "min_threshold": max(self.min_threshold, request.min_threshold),
-            "min_cohort": max(self.min_cohort, request.min_cohort)})
+            "min_cohort": max(self.min_cohort, request.min_cohort),
+            # local noise protects against anyone, distributed only within a sum
+            "noise": "local" if "local" in (self.noise, request.noise) else "distributed",
+            "colluders": max(self.colluders, request.colluders)})
 
     def as_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in FIELDS}

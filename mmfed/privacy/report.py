@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 from mmfed.errors import DataError
-from mmfed.privacy.accounting import epsilon_of
 from mmfed.privacy.audit import LOG_NAME
 from mmfed.privacy.audit import summary as audit_summary
 from mmfed.privacy.audit import verify as verify_audit
@@ -32,8 +31,9 @@ def show_ledger(site: Path, directory: str, delta: float | None,
     for e in entries:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
         lines.append(f"{when:19}  {e.run_id[:10]:10}  {e.round:>5}  {e.sigma:>7.4f}  "
-                     f"{e.sample_rate:>7.4f}  {e.steps:>5}  {e.epsilon:>9.4f}")
-    total = epsilon_of(ledger.history(), delta, accountant)
+                     f"{e.sample_rate:>7.4f}  {e.steps:>5}  {e.epsilon:>9.4f}"
+                     + ("  distributed (Skellam)" if e.skellam is not None else ""))
+    total = ledger.spent(delta, accountant)
     lines.append(f"total: epsilon = {total:.4f} at delta = {delta:g} ({accountant} accountant, "
                  "recomputed from every release)")
     lines.extend(_audit_line(ledger.directory))

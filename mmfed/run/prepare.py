@@ -23,7 +23,7 @@ from mmfed.data.synth import SynthSettings, parse_missing, synthesize
 from mmfed.errors import DataError, MmfedError, UsageError
 from mmfed.run.resume import ResumePoint, find_resume_point, truncate_metrics
 from mmfed.run.rundir import RunDir
-from mmfed.server.secure_settings import check_secagg_settings
+from mmfed.server.secure_settings import check_distributed_settings, check_secagg_settings
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,7 @@ def prepare_run(cfg: RunConfig, out: Path, *, fresh: bool = True) -> tuple[RunCo
         cfg.set("data.dir", str(Path(cfg["data.dir"]).resolve()))
     sites = validate_federation(Path(cfg["data.dir"]))
     cfg.set("data.sites", len(sites))
+    check_distributed_settings(cfg)
     if cfg["secagg.enabled"]:
         check_secagg_settings(cfg, len(sites))
         check_cohort(cfg, len(sites), [_site_name(s) for s in sites])

@@ -51,6 +51,7 @@ from mmfed.secagg.errors import SecAggAborted, SecAggError
 from mmfed.secagg.prg import expand
 from mmfed.secagg.quantize import (
     MAX_SITES_LIMIT,
+    MODULUS,
     F64Array,
     U32Array,
     levels,
@@ -86,6 +87,9 @@ class SecAggParams:
     # Lengths of contiguous parts of the update, each with its own weight (e.g. each
     # encoder weighted by the patients who had its modality); empty = one weight.
     segments: tuple[int, ...] = ()
+    # Distributed DP: each site adds an integer noise share to its codes before
+    # masking, and the sum is decoded as signed within the room max_sites leaves.
+    noisy: bool = False
 
     @property
     def n_weights(self) -> int:
@@ -101,7 +105,7 @@ class SecAggParams:
                 "threshold": self.threshold, "neighbours": self.neighbours or 0,
                 "clip_range": self.clip_range, "max_sites": self.max_sites,
                 "count_cap": self.count_cap, "vector_length": self.vector_length,
-                "segments": list(self.segments)}
+                "segments": list(self.segments), "noisy": int(self.noisy)}
 
     @staticmethod
     def from_record(raw: Mapping[str, object]) -> SecAggParams:
@@ -129,13 +133,17 @@ class SecAggParams:
             raise SecAggError(f"secure aggregation parameter 'clip_range' must be a "
                               f"number, got {clip!r}")
         neighbours = 0 if raw.get("neighbours") is None else integer("neighbours")
+        noisy = raw.get("noisy", 0)
+        if noisy not in (0, 1) or isinstance(noisy, bool | float):
+            raise SecAggError(f"secure aggregation parameter 'noisy' must be 0 or 1, got "
+                              f"{noisy!r}")
         params = SecAggParams(run_id=run_id, round=integer("round"),
                               site_ids=integers("site_ids"), threshold=integer("threshold"),
                               neighbours=neighbours if neighbours > 0 else None,
                               clip_range=float(clip), max_sites=integer("max_sites"),
                               count_cap=integer("count_cap"),
                               vector_length=integer("vector_length"),
-                              segments=tuple(integers("segments")))
+                              segments=tuple(integers("segments")), noisy=bool(noisy))
         params.validate()
         return params
 
@@ -446,10 +454,19 @@ class SecAggClient:
         ciphertexts_for_me: Mapping[int, bytes],
         update: np.ndarray,
         num_examples: int | Sequence[int],
+        noise: np.ndarray | None = None,
     ) -> U32Array:
-        """Stage 3: encode(pack(update)) + PRG(b_i) ± PRG(s_ij) for neighbours that shared."""
+        """Stage 3: encode(pack(update)) + PRG(b_i) ± PRG(s_ij) for neighbours that shared.
+
+        ``noise``: integer noise (one value per update coordinate, not on the weight
+        codes) added to the codes modulo 2**32, for distributed DP; only a round laid
+        out as ``noisy`` takes it, since only such a round decodes it.
+        """
         self._require_stage("shared", "masked_input")
         p = self.params
+        if (noise is not None) != p.noisy:
+            raise SecAggError("integer noise goes with a round laid out as noisy, and only "
+                              "with one")
         vec = np.asarray(update)
         if vec.ndim != 1 or vec.shape[0] != p.vector_length:
             raise SecAggError(
@@ -479,6 +496,11 @@ class SecAggClient:
         b, s_sk, _ = self._secrets()
         length = p.vector_length + p.n_weights
         masked = packed.copy()
+        if noise is not None:
+            share = np.asarray(noise)
+            if share.shape != (p.vector_length,) or share.dtype.kind != "i":
+                raise SecAggError(f"noise must be {p.vector_length} integers")
+            masked[: p.vector_length] += np.mod(share.astype(np.int64), MODULUS).astype(np.uint32)
         masked += expand(b, length, "self-mask")
         for j in sorted(received):
             seed = keys.derive_key(s_sk, self._peer_s_pk[j], "pair-mask", p.run_id,
@@ -782,10 +804,11 @@ class SecAggServer:
         self._done = True
         if p.segments:
             mean, weights = unpack_segments(total, len(survivors), list(p.segments),
-                                            p.clip_range, p.max_sites)
+                                            p.clip_range, p.max_sites, p.noisy)
             self.segment_weights = [float(w) for w in weights]
             return mean, float(weights.max()), list(survivors)
-        mean, total_weight = unpack_mean(total, len(survivors), p.clip_range, p.max_sites)
+        mean, total_weight = unpack_mean(total, len(survivors), p.clip_range, p.max_sites,
+                                         p.noisy)
         self.segment_weights = [total_weight]
         return mean, total_weight, list(survivors)
 

@@ -81,20 +81,49 @@ def encode(vec: ArrayLike, weight: float, clip_range: float, max_sites: int) -> 
     return codes.astype(np.uint32)
 
 
+def noise_headroom(n_contributors: int, max_sites: int) -> int:
+    """How far integer noise may move a sum of ``n_contributors`` codes either way
+    without wrapping modulo 2**32: half of what the codes leave unused.
+
+    Distributed DP adds each site's noise share to its codes, so the sum's codes may
+    fall below 0 or above n·L. A round laid out with ``max_sites`` above the number of
+    contributors leaves (max_sites - n)·L unused codes, split between both sides.
+    """
+    top = levels(max_sites)
+    return (MODULUS - 1 - n_contributors * top) // 2
+
+
 def decode_sum(
-    sum_u32: ArrayLike, n_contributors: int, clip_range: float, max_sites: int
+    sum_u32: ArrayLike, n_contributors: int, clip_range: float, max_sites: int,
+    noisy: bool = False,
 ) -> F64Array:
-    """Σ w_i·clip(x_i) from the sum of ``n_contributors`` codes from :func:`encode`."""
+    """Σ w_i·clip(x_i) from the sum of ``n_contributors`` codes from :func:`encode`.
+
+    ``noisy``: the sites added integer noise, so a code sum may lie up to
+    :func:`noise_headroom` below 0 (wrapped to the top of the ring) or above n·L; it
+    is read back as the signed value it stands for.
+    """
     _check_range(clip_range)
     top = levels(max_sites)
     n = _check_contributors(n_contributors, max_sites)
     total = _u32_vector(sum_u32, "sum")
-    if total.size and int(total.max()) > n * top:
+    values = total.astype(np.int64)
+    limit = n * top
+    if noisy:
+        room = noise_headroom(n, max_sites)
+        wrapped = values >= MODULUS - room
+        values[wrapped] -= MODULUS
+        if values.size and int(values.max()) > limit + room:
+            raise SecAggError(
+                "aggregate code outside the noise headroom: the masks did not cancel, or "
+                "the noise wrapped around (the round was laid out with too little room)"
+            )
+    elif total.size and int(total.max()) > limit:
         raise SecAggError(
             f"aggregate code exceeds {n} × {top}: the masks did not cancel "
             "(inconsistent protocol state or contributor count)"
         )
-    return total.astype(np.float64) * (2.0 * clip_range / top) - n * clip_range
+    return values.astype(np.float64) * (2.0 * clip_range / top) - n * clip_range
 
 
 def pack(update: ArrayLike, weight: float, clip_range: float, max_sites: int) -> U32Array:
@@ -133,7 +162,8 @@ def pack_segments(update: ArrayLike, weights: list[float], segments: list[int],
 
 
 def unpack_segments(sum_u32: ArrayLike, n_contributors: int, segments: list[int],
-                    clip_range: float, max_sites: int) -> tuple[F64Array, F64Array]:
+                    clip_range: float, max_sites: int, noisy: bool = False
+                    ) -> tuple[F64Array, F64Array]:
     """(per-segment weighted means, Σ w per segment) from a sum of :func:`pack_segments`.
 
     A segment whose total weight is zero (nobody had that modality) decodes to zeros:
@@ -147,7 +177,7 @@ def unpack_segments(sum_u32: ArrayLike, n_contributors: int, segments: list[int]
     weight_codes = total[-k:].astype(np.int64)
     if (weight_codes > n * top).any():
         raise SecAggError("aggregate weight code out of range: the masks did not cancel")
-    weighted_sum = decode_sum(total[:-k], n, clip_range, max_sites)
+    weighted_sum = decode_sum(total[:-k], n, clip_range, max_sites, noisy)
     means = np.zeros_like(weighted_sum)
     offset = 0
     for code, size in zip(weight_codes, segments, strict=True):
@@ -168,7 +198,8 @@ def _check_segments(segments: list[int], length: int, n_weights: int) -> None:
 
 
 def unpack_mean(
-    sum_u32: ArrayLike, n_contributors: int, clip_range: float, max_sites: int
+    sum_u32: ArrayLike, n_contributors: int, clip_range: float, max_sites: int,
+    noisy: bool = False,
 ) -> tuple[F64Array, float]:
     """(Σ w_i·clip(x_i) / Σ w_i, Σ w_i) from the sum of ``n_contributors`` packed vectors."""
     total = _u32_vector(sum_u32, "sum")
@@ -183,7 +214,7 @@ def unpack_mean(
             "the masks did not cancel"
         )
     total_weight = weight_code / top
-    weighted_sum = decode_sum(total[:-1], n, clip_range, max_sites)
+    weighted_sum = decode_sum(total[:-1], n, clip_range, max_sites, noisy)
     return weighted_sum / total_weight, total_weight
 
 

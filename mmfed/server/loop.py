@@ -42,6 +42,7 @@ from mmfed.ml.metrics import classification_metrics
 from mmfed.ml.model import build_model
 from mmfed.ml.patterns import metrics_by_pattern
 from mmfed.ml.training import predict
+from mmfed.privacy.accounting import SNR_WARNING
 from mmfed.run.resume import ResumePoint
 from mmfed.run.rundir import RunDir
 from mmfed.run.tracking import RoundCallback
@@ -108,6 +109,7 @@ class Federation:
         # the sites' keys for the next secure round, sent at unmask (memory only: a
         # restarted server holds none, so no key from before a restart is ever used)
         self.keys_ahead = KeysAhead()
+        self.noise_warned: set[str] = set()  # sites already warned that noise swamps them
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> tuple[FeatureSchema, ModelState]:
@@ -230,8 +232,24 @@ class Federation:
             line["local_model"] = round_num - 1
         self.run.append_metrics(line)
         self._count(info.sites)
+        self._warn_noise(info.sites)
         if self.on_round:
             self.on_round(line)
+
+    def _warn_noise(self, sites: dict[str, SiteEntry]) -> None:
+        """Once per site: a one-line warning when its DP noise will swamp its gradient
+        over the run (the expected signal-to-noise figure it reports with its first
+        update, :func:`mmfed.privacy.accounting.expected_snr`)."""
+        for name, entry in sites.items():
+            snr = entry.get("snr")
+            if not isinstance(snr, float) or snr >= SNR_WARNING or name in self.noise_warned:
+                continue
+            self.noise_warned.add(name)
+            log.warning("%s: DP noise will swamp its gradient (expected signal-to-noise "
+                        "%.2f over the run, noise multiplier %.2f, below %g): expect little "
+                        "learning; train.full_batch with train.optimizer = sgd "
+                        "(configs/fedsgd.toml) or a smaller model helps", name, snr,
+                        entry.get("sigma", float("nan")), SNR_WARNING)
 
     def round_kind(self) -> Round:
         return SecureRound() if self.cfg["secagg.enabled"] else PlainRound()

@@ -17,7 +17,7 @@ log = logging.getLogger("mmfed")
 
 SiteEntry = dict[str, Any]
 PRIVACY_FIGURES = ("epsilon", "delta", "epsilon_budget", "epsilon_projected", "sigma",
-                   "sample_rate")
+                   "sample_rate", "snr")
 
 
 @dataclass(frozen=True)

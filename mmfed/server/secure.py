@@ -47,7 +47,7 @@ from mmfed.server.records import (
     trained_entry,
 )
 from mmfed.server.rounds import ModelState, RoundContext
-from mmfed.server.secure_settings import secagg_params
+from mmfed.server.secure_settings import distributed_noise, secagg_params
 from mmfed.server.transport import exchange
 
 log = logging.getLogger("mmfed")
@@ -300,7 +300,7 @@ class SecureSession(SecureSum):
         self.layout = segment_layout(state) if ctx.cfg["aggregation.modality_aware"] else []
         super().__init__(ctx, round_num, nodes, secagg_params(
             ctx.cfg, round_num, len(nodes), vector_length(state),
-            tuple(n for _, n in self.layout)),
+            tuple(n for _, n in self.layout), noisy=distributed_noise(ctx.cfg)),
             next_round=round_num + 1 if round_num < int(ctx.cfg["rounds"]) else None)
 
     def run(self, schema: FeatureSchema) -> tuple[ModelState, RoundInfo]:

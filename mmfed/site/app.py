@@ -127,7 +127,8 @@ def train(msg: Message, context: Context) -> Message:
              if cfg["federation.local_eval"] else None)
     try:
         outcome = site_runtime.train_round(site, cfg, schema, state, round_num,
-                                           node_config, policy=policy)
+                                           node_config, policy=policy,
+                                           secagg=None if secagg is None else secagg.params)
     except Declined as exc:  # e.g. noise the server could replay
         return Message(wire.declined(str(exc), local=local), reply_to=msg)
     kind = faults.corruption(list(cfg["faults.corrupt"]), name, round_num)
@@ -147,9 +148,12 @@ def train(msg: Message, context: Context) -> Message:
     num_examples = int(outcome.metrics["num_examples"])
     payload = site_secagg.begin(context.state, secagg, update, num_examples,
                                 group_weights(num_examples, outcome.counts, True),
-                                min_cohort=policy.min_cohort,
+                                min_cohort=policy.min_cohort if outcome.noise is None
+                                else max(policy.min_cohort, outcome.noise.survivors),
                                 round_keys=round_keys if peers is not None else None,
-                                peers=peers)
+                                peers=peers,
+                                noise_share=None if outcome.noise is None
+                                else outcome.noise.mu_share)
     reply = wire.reply_content(name, metrics=outcome.metrics)
     reply[wire.SECAGG] = payload
     return Message(_with_local(reply, local), reply_to=msg)

@@ -32,7 +32,9 @@ from mmfed.site.state import LoadedSite, site_state
 
 if TYPE_CHECKING:  # Opacus (budget): only training needs it
     from mmfed.privacy.budget import SiteBudget
+    from mmfed.privacy.distributed import NoiseShare
     from mmfed.privacy.dp_sgd import NoiseSource
+    from mmfed.secagg import SecAggParams
 
 log = logging.getLogger("mmfed")
 _WARNED: set[str] = set()  # sites already warned about a small min_cohort, per process
@@ -78,6 +80,8 @@ class TrainOutcome:
     # training patients who had each modality: the weights of modality-aware
     # aggregation (sent in the clear only without secure aggregation)
     counts: dict[str, int] = field(default_factory=dict)
+    # distributed DP: the noise share the site adds to its codes before masking
+    noise: NoiseShare | None = None
 
 
 def modality_counts(enc: EncodedSite, modalities: tuple[str, ...]) -> dict[str, int]:
@@ -131,17 +135,18 @@ def stats_for(site: Path | LoadedSite) -> tuple[str, dict[str, Any]]:
 def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
                 global_state: dict[str, np.ndarray], round_num: int,
                 node_config: dict[str, Any] | None = None,
-                policy: PrivacyPolicy | None = None) -> TrainOutcome:
+                policy: PrivacyPolicy | None = None,
+                secagg: SecAggParams | None = None) -> TrainOutcome:
     import torch
 
     from mmfed.ml.model import build_model
-    from mmfed.ml.training import train_local
+    from mmfed.ml.training import site_spec, train_local
 
     start = time.perf_counter()
     node_config = node_config or {}
     loaded = _opened(site)
     train, _ = site_state().splits(loaded, schema, cfg["data.val_fraction"], cfg["seed"])
-    spec = cfg.train_spec()
+    spec = site_spec(cfg.train_spec(), len(train))
     policy = policy or site_policy(node_config, cfg, loaded.name)
     model = build_model(schema, cfg.model_spec())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
@@ -163,6 +168,9 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
         run_id = cfg["run_id"] or "unnamed-run"
         ledger_root = str(node_config.get("ledger-dir") or cfg["privacy.ledger_dir"])
         budget = SiteBudget(loaded.folder, policy, ledger_root, loaded.name, run_id)
+        if policy.noise == "distributed":
+            return _train_distributed(model, train, spec, schema, cfg, policy, budget,
+                                      secagg, round_num, seed, device, source, start)
         releases = ReleaseCache(ledger_dir(ledger_root), budget.ledger.fingerprint)
         global_hash = state_hash(global_state)
         earlier = releases.load(run_id, round_num, global_hash)
@@ -170,8 +178,14 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
             return _re_release(budget, earlier, round_num, train, spec, cfg, start)
         plan = budget.plan_round(len(train), spec.batch_size, spec.epochs, round_num,
                                  cfg["rounds"])
+        from mmfed.privacy.accounting import expected_snr
+
+        dim = sum(p.numel() for p in model.parameters())
+        snr = expected_snr(plan.sample_rate * len(train), plan.sigma, dim,
+                           plan.steps * cfg["rounds"])
         figures = {"private": 1.0, "delta": policy.delta, "epsilon_budget": policy.epsilon,
-                   "sigma": plan.sigma, "sample_rate": plan.sample_rate}
+                   "sigma": plan.sigma, "sample_rate": plan.sample_rate, "snr": snr,
+                   "parameters": float(dim)}
         if plan.declined:
             return TrainOutcome(None, {**figures, "declined": 1.0, "epsilon": plan.spent,
                                        "epsilon_projected": plan.projected,
@@ -190,6 +204,48 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
     metrics["seconds"] = time.perf_counter() - start
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     return TrainOutcome(state, metrics, modality_counts(train, spec.modalities))
+
+
+def _train_distributed(model: Any, train: EncodedSite, spec: TrainSpec, schema: FeatureSchema,
+                       cfg: RunConfig, policy: PrivacyPolicy, budget: SiteBudget,
+                       secagg: SecAggParams | None, round_num: int, seed: int, device: Any,
+                       source: NoiseSource | None, start: float) -> TrainOutcome:
+    """One full-batch step with clipping and no noise of its own: the noise share is
+    added to the codes at masking (``mmfed.privacy.distributed``). The ledger entry is
+    written here, before anything of the round leaves the site."""
+    from mmfed.privacy import distributed
+    from mmfed.privacy.dp_sgd import train_private
+
+    distributed.check_request(policy, secagg, spec.full_batch, spec.epochs, spec.optimizer)
+    assert secagg is not None  # check_request refused a plaintext round
+    if any(e.run_id == budget.run_id and e.round == round_num
+           for e in budget.ledger.entries()):
+        raise Declined(f"declined: round {round_num} was already released under distributed "
+                       "DP; releasing it again would need fresh noise and spend twice")
+    plan, share = budget.plan_distributed(secagg, spec.lr, round_num, cfg["rounds"])
+    figures = {"private": 1.0, "distributed": 1.0, "delta": policy.delta,
+               "epsilon_budget": policy.epsilon, "sigma": plan.sigma, "sample_rate": 1.0}
+    if share is None:
+        return TrainOutcome(None, {**figures, "declined": 1.0, "epsilon": plan.spent,
+                                   "epsilon_projected": plan.projected,
+                                   "seconds": time.perf_counter() - start})
+    result = train_private(model, train, spec, len(schema.classes), 0.0, policy.max_grad_norm,
+                           seed, device=device, mode=cfg["privacy.grad_sample_mode"],
+                           source=source)
+    from mmfed.privacy.accounting import expected_snr
+
+    dim = sum(p.numel() for p in model.parameters())
+    # the sum's noise is σ·C over all survivors' patients; this site's figure assumes
+    # the smallest sum it accepts, of sites its own size
+    snr = expected_snr(len(train) * share.survivors, plan.sigma, dim, cfg["rounds"])
+    metrics = {**figures, "train_loss": result.train_loss, "steps": float(result.steps),
+               "num_examples": float(len(train)), "noise_share": share.mu_share,
+               "survivors": float(share.survivors), "snr": snr,
+               "wrap_probability": share.wrap_probability}
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    metrics["epsilon"] = budget.record_distributed(plan, share, round_num).epsilon
+    metrics["seconds"] = time.perf_counter() - start
+    return TrainOutcome(state, metrics, modality_counts(train, spec.modalities), share)
 
 
 def _re_release(budget: SiteBudget, earlier: tuple[dict[str, np.ndarray], dict[str, float]],

@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from mmfed import wire
 from mmfed.errors import MmfedError
+from mmfed.privacy.distributed import draw_noise
 from mmfed.secagg import RoundKeys, SecAggClient, SecAggError, client_from_state, client_to_state
 from mmfed.site import consent
 
@@ -142,7 +143,8 @@ def begin(state: RecordDict, request: wire.SecAggRequest, update: np.ndarray,
           num_examples: int, group_weights: dict[str, int] | None = None,
           counts: list[int] | None = None, *, min_cohort: int,
           round_keys: RoundKeys | None = None,
-          peers: dict[int, dict[str, bytes]] | None = None) -> ConfigRecord:
+          peers: dict[int, dict[str, bytes]] | None = None,
+          noise_share: float | None = None) -> ConfigRecord:
     """After training: create this round's client, keep secrets, and advertise its
     public keys, or, given the keys it advertised ahead (``round_keys``, checked by
     ``check_round_keys``) and its share group's (``peers``), send its encrypted shares.
@@ -151,7 +153,8 @@ def begin(state: RecordDict, request: wire.SecAggRequest, update: np.ndarray,
     given per segment (the patients behind each column's moments), stay in the site's
     state and only ever leave inside the masked vector. ``min_cohort`` is the site's
     own term for the unmask stage, kept with its secrets so a later message cannot
-    change it.
+    change it; so is ``noise_share`` (distributed DP), the Skellam parameter of the
+    noise added to the codes at masking.
     """
     if counts is None:
         counts = segment_weights(request, num_examples, group_weights)
@@ -164,8 +167,11 @@ def begin(state: RecordDict, request: wire.SecAggRequest, update: np.ndarray,
     pks = client.advertise()
     out = None if peers is None else client.share_keys(peers)
     state[UPDATE] = ArrayRecord({"u": Array(np.ascontiguousarray(update, dtype=np.float32))})
-    _save(state, client, {"num_examples": int(num_examples), "counts": list(counts),
-                          "min_cohort": int(min_cohort)})
+    extra: dict[str, Any] = {"num_examples": int(num_examples), "counts": list(counts),
+                             "min_cohort": int(min_cohort)}
+    if noise_share is not None:
+        extra["noise_share"] = float(noise_share)
+    _save(state, client, extra)
     return wire.public_keys(pks) if out is None else wire.shares(out)
 
 
@@ -181,7 +187,13 @@ def mask(state: RecordDict, request: ConfigRecord, round_num: int) -> ArrayRecor
     cts = wire.routed_of(request)
     update = state.array_records[UPDATE]["u"].numpy()
     counts = wire.ints(record.get("counts", [record["num_examples"]]))
-    masked = client.masked_input(cts, update, counts if client.params.segments else counts[0])
+    share = record.get("noise_share")
+    if (share is not None) != client.params.noisy or not isinstance(share, float | None):
+        raise MmfedError("secure aggregation: the round's noise layout does not match how "
+                         "this site trained (distributed noise share or none); not masking")
+    noise = None if share is None else draw_noise(share, client.params.vector_length)
+    masked = client.masked_input(cts, update, counts if client.params.segments else counts[0],
+                                 noise=noise)
     del state[UPDATE]  # the plaintext update is no longer needed
     _save(state, client)
     return wire.masked(masked)
