@@ -57,6 +57,8 @@ def non_default() -> RunConfig:
         "aggregation.modality_aware": False, "aggregation.rule": "median",
         "aggregation.trim_fraction": 0.2, "model.missing": "zero_fill",
         "data.missing": ["genomics@site-2"], "aggregation.max_update_norm": 50.0,
+        "train.optimizer": "sgd", "train.full_batch": True, "privacy.noise": "distributed",
+        "privacy.colluders": 1,
     })
     assert all(cfg[k] != v for k, v in DEFAULTS.items()), "helper must change every key"
     return cfg
@@ -80,7 +82,8 @@ def test_defaults_and_specs_come_from_the_schema() -> None:
     assert list(DEFAULTS) == list(schema_fields())
     assert config.SITE_POLICY_FIELDS == ("enabled", "epsilon", "delta", "max_grad_norm",
                                          "accountant", "max_noise_multiplier",
-                                         "secure_aggregation", "min_threshold", "min_cohort")
+                                         "secure_aggregation", "min_threshold", "min_cohort",
+                                         "noise", "colluders")
     # The specs are the validated sections themselves, and their no-argument
     # construction gives the run's defaults (tests and benchmarks rely on it).
     assert RunConfig().model_spec() == ModelSpec()

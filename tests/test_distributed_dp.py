@@ -16,10 +16,12 @@ import pytest
 
 from mmfed.errors import Declined
 from mmfed.privacy import distributed, skellam
+from mmfed.privacy.accounting import expected_snr
 from mmfed.privacy.policy import PrivacyPolicy
 from mmfed.secagg import SecAggClient, SecAggError, SecAggParams, SecAggServer
 from mmfed.secagg.quantize import decode_sum, encode, levels, noise_headroom
 from mmfed.site import consent
+from mmfed.wire import SNR_WARNING
 from tests.helpers import run_mmfed
 
 FEDSGD = ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "fedsgd.toml")]
@@ -218,3 +220,18 @@ def test_federation_with_distributed_noise_learns_and_its_ledgers_recompute(
         assert records[-1]["epsilon"] <= 3.0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final"]["auroc"] > 0.5
+    # four rounds on 40-patient sites: each site's figure says its noise swamps it, and
+    # the server says so once per site, in one line
+    snrs = [e["snr"] for e in lines[0]["sites"].values()]
+    assert all(0 < x < SNR_WARNING for x in snrs)
+    warned = [x for x in proc.stderr.splitlines() if "DP noise will swamp" in x]
+    assert len(warned) == 3 and all(x.count("\n") == 0 for x in warned)
+
+
+def test_expected_snr_grows_with_patients_and_steps_and_falls_with_parameters() -> None:
+    base = expected_snr(100, 2.0, 10_000, 16)
+    assert base == pytest.approx(100 * 4 / (2.0 * 100))
+    assert expected_snr(400, 2.0, 10_000, 16) == pytest.approx(4 * base)
+    assert expected_snr(100, 2.0, 10_000, 64) == pytest.approx(2 * base)
+    assert expected_snr(100, 2.0, 40_000, 16) == pytest.approx(base / 2)
+    assert expected_snr(100, 0.0, 10_000, 16) == float("inf")

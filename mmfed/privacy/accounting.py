@@ -11,11 +11,6 @@ import math
 from collections.abc import Sequence
 
 ACCOUNTANTS = ("rdp", "prv")
-# Below this expected signal-to-noise ratio over a run, DP noise swamps the gradient:
-# on the default cohort the federations that scored it under 1 (ε = 1 with local epochs,
-# 3 sites of 40 patients at ε = 8) lost 0.1 to 0.3 holdout AUROC to DP, those above
-# it under 0.03 (benchmarks/dp_utility.py).
-SNR_WARNING = 1.0
 Event = tuple[float, float, int]  # (noise multiplier σ, sample rate q, steps)
 # distributed DP: (rounds, aggregate Skellam μ, L1 and L2 sensitivity in code units)
 SkellamEvent = tuple[int, float, float, float]

@@ -294,9 +294,11 @@ def noise_margin(mu_total: float, dim: int, target: float = 2.0**-40) -> float:
         raise ValueError(f"target must be in (0, 1) (got {target!r})")
     big_l = _log_tail_target(n, p)  # > 0, since 2*dim/target > 2
     t = big_l / 3.0 + math.sqrt(big_l * big_l / 9.0 + 4.0 * big_l * m)
-    while wrap_probability(m, t, n) > p:
+    for _ in range(64):  # the root is exact up to rounding: a few ulps at most
+        if wrap_probability(m, t, n) <= p:
+            return t
         t = math.nextafter(t, math.inf)
-    return t
+    raise ArithmeticError(f"noise_margin: the closed-form root {t!r} misses the target {p!r}")
 
 
 def mu_share(mu_total: float, survivors: int) -> float:

@@ -42,7 +42,6 @@ from mmfed.ml.metrics import classification_metrics
 from mmfed.ml.model import build_model
 from mmfed.ml.patterns import metrics_by_pattern
 from mmfed.ml.training import predict
-from mmfed.privacy.accounting import SNR_WARNING
 from mmfed.run.resume import ResumePoint
 from mmfed.run.rundir import RunDir
 from mmfed.run.tracking import RoundCallback
@@ -242,14 +241,14 @@ class Federation:
         update, :func:`mmfed.privacy.accounting.expected_snr`)."""
         for name, entry in sites.items():
             snr = entry.get("snr")
-            if not isinstance(snr, float) or snr >= SNR_WARNING or name in self.noise_warned:
+            if not isinstance(snr, float) or snr >= wire.SNR_WARNING or name in self.noise_warned:
                 continue
             self.noise_warned.add(name)
             log.warning("%s: DP noise will swamp its gradient (expected signal-to-noise "
                         "%.2f over the run, noise multiplier %.2f, below %g): expect little "
                         "learning; train.full_batch with train.optimizer = sgd "
                         "(configs/fedsgd.toml) or a smaller model helps", name, snr,
-                        entry.get("sigma", float("nan")), SNR_WARNING)
+                        entry.get("sigma", float("nan")), wire.SNR_WARNING)
 
     def round_kind(self) -> Round:
         return SecureRound() if self.cfg["secagg.enabled"] else PlainRound()
