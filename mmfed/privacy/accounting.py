@@ -113,10 +113,6 @@ def calibrate_mu(gaussian: Sequence[Event], skellam: Sequence[SkellamEvent], rou
     lo = (0.05 * l2) ** 2 / 2.0
     if eps(lo) <= target:
         return lo
-    while hi / lo > 1.01:
-        mid = math.sqrt(lo * hi)
-        if eps(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    from mmfed.privacy.skellam import smallest_fitting
+
+    return smallest_fitting(lambda mu: eps(mu) <= target, lo, hi, 0.01)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # The Skellam bound is proved for integer orders only, so the whole curve lives on
 # integers; 256 reaches far enough that small-epsilon regimes are not order-limited.
@@ -214,9 +214,17 @@ def calibrate_mu(target_epsilon: float, delta: float, rounds: int, l1: float, l2
         if lo < 1e-300:
             return hi  # even vanishing noise fits the target: the smallest mu tried
     # invariant: eps(lo) > target >= eps(hi)
-    while hi / lo > 1.0 + _CALIBRATION_TOLERANCE:
+    return smallest_fitting(lambda mu: eps(mu) <= target, lo, hi, _CALIBRATION_TOLERANCE)
+
+
+def smallest_fitting(fits: Callable[[float], bool], lo: float, hi: float,
+                     tolerance: float) -> float:
+    """Bisection on a log scale between ``lo`` (does not fit) and ``hi`` (fits), for a
+    monotone ``fits``: the returned value fits and is within ``tolerance`` (relative)
+    of the smallest that does. Noise scales span orders of magnitude, hence the log."""
+    while hi / lo > 1.0 + tolerance:
         mid = math.sqrt(lo * hi)
-        if eps(mid) <= target:
+        if fits(mid):
             hi = mid
         else:
             lo = mid
