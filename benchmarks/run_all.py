@@ -7,7 +7,7 @@ the exact command, the wall time, the machine and the date in
 ``benchmarks/README.md`` is then rewritten from results.json, so every figure in it
 can be traced to the command that produced it.
 
-    python benchmarks/run_all.py                  # everything (about an hour on 2 cores)
+    python benchmarks/run_all.py                  # everything (about 3 hours on 2 cores)
     python benchmarks/run_all.py --only utility   # one benchmark; the others keep theirs
     python benchmarks/run_all.py --table-only     # just re-render the table
 
@@ -56,6 +56,7 @@ BENCHES = (
     Bench("deployment_round", ("benchmarks/deployment_round.py",), optional=True),
     Bench("utility", ("benchmarks/utility.py",)),
     Bench("import_speed", ("benchmarks/import_speed.py",)),
+    Bench("dp_utility", ("benchmarks/dp_utility.py", "--seeds", "0", "1", "2")),
     Bench("gpu_check", ("benchmarks/gpu_check.py",), cuda=True),
 )
 
