@@ -235,3 +235,22 @@ def test_expected_snr_grows_with_patients_and_steps_and_falls_with_parameters() 
     assert expected_snr(100, 2.0, 10_000, 64) == pytest.approx(2 * base)
     assert expected_snr(100, 2.0, 40_000, 16) == pytest.approx(base / 2)
     assert expected_snr(100, 0.0, 10_000, 16) == float("inf")
+
+
+def test_a_site_keeping_local_noise_declines_a_distributed_round(tmp_path: Path) -> None:
+    """A site whose policy keeps local noise (the server cannot change that) would add
+    no share, so the sum would carry less noise than the other sites counted on: it
+    declines, and with two sites left below their min_cohort of 3 nothing is released."""
+    data = tmp_path / "fed"
+    assert run_mmfed("data", "synth", "--out", data, "--sites", "3", "--patients-per-site",
+                     "30").returncode == 0
+    ledger = tmp_path / "ledger"
+    proc = run_mmfed("simulate", "--data", data, "--out", tmp_path / "run", *FEDSGD,
+                     "--rounds", "1", "--no-progress", "--set", "privacy.noise=distributed",
+                     "--set", "privacy.site.site-3.noise=local",
+                     "--set", f"privacy.ledger_dir={ledger}")
+    assert proc.returncode == 0, proc.stderr
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["aggregation"]["participants"] == 0
+    assert line["sites"]["site-3"]["status"] == "declined"
+    assert "keeps local noise" in line["sites"]["site-3"]["reason"]

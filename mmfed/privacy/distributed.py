@@ -89,6 +89,17 @@ def check_request(policy: PrivacyPolicy, params: SecAggParams | None, full_batch
                        f"(the site's policy says {policy.accountant!r})")
 
 
+def check_joins(policy: PrivacyPolicy, params: SecAggParams | None) -> None:
+    """A round laid out for noise shares counts on every site in the sum adding one; a
+    site that keeps local noise (or none) would add none and silently weaken the other
+    sites' guarantee, so it declines the round instead."""
+    if params is None or not params.noisy or (policy.enabled and policy.noise == "distributed"):
+        return
+    raise Declined("declined: the round is laid out for distributed DP noise shares and this "
+                   "site's policy keeps " + ("local noise" if policy.enabled else "no DP")
+                   + "; it would add no share and weaken the other sites' guarantee")
+
+
 def survivors_assumed(policy: PrivacyPolicy, params: SecAggParams) -> int:
     """The smallest set of survivors this site lets a sum be unmasked for."""
     return max(policy.min_cohort, policy.min_threshold, params.threshold)

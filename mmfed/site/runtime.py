@@ -148,6 +148,9 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
     train, _ = site_state().splits(loaded, schema, cfg["data.val_fraction"], cfg["seed"])
     spec = site_spec(cfg.train_spec(), len(train))
     policy = policy or site_policy(node_config, cfg, loaded.name)
+    from mmfed.privacy.distributed import check_joins
+
+    check_joins(policy, secagg)  # before anything is trained or spent
     model = build_model(schema, cfg.model_spec())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
     seed = site_seed(cfg["seed"], round_num, loaded.name)
