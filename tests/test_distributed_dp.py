@@ -9,6 +9,7 @@ an unmask request for fewer survivors than the noise was calibrated for.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -188,18 +189,26 @@ def test_run_refuses_distributed_noise_without_its_training_plan(tmp_path: Path)
     assert "Traceback" not in proc.stderr
 
 
+def simulate_distributed(tmp_path: Path, patients: int, rounds: int, *extra: str
+                         ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """A 3-site federation run with the full-batch plan and distributed noise; returns
+    the finished process and the ledger folder."""
+    data = tmp_path / "fed"
+    assert run_mmfed("data", "synth", "--out", data, "--sites", "3", "--patients-per-site",
+                     str(patients)).returncode == 0
+    ledger = tmp_path / "ledger"
+    proc = run_mmfed("simulate", "--data", data, "--out", tmp_path / "run", *FEDSGD,
+                     "--rounds", str(rounds), "--no-progress", "--set",
+                     "privacy.noise=distributed", "--set", f"privacy.ledger_dir={ledger}", *extra)
+    assert proc.returncode == 0, proc.stderr
+    return proc, ledger
+
+
 def test_federation_with_distributed_noise_learns_and_its_ledgers_recompute(
         tmp_path: Path) -> None:
     """A real simulation: every site's ledger holds Skellam releases whose ε the
     accountant module recomputes alone; the metrics carry the share and survivors."""
-    data = tmp_path / "fed"
-    assert run_mmfed("data", "synth", "--out", data, "--sites", "3", "--patients-per-site",
-                     "40").returncode == 0
-    ledger = tmp_path / "ledger"
-    proc = run_mmfed("simulate", "--data", data, "--out", tmp_path / "run", *FEDSGD,
-                     "--rounds", "4", "--no-progress", "--set", "privacy.noise=distributed",
-                     "--set", "privacy.epsilon=3", "--set", f"privacy.ledger_dir={ledger}")
-    assert proc.returncode == 0, proc.stderr
+    proc, ledger = simulate_distributed(tmp_path, 40, 4, "--set", "privacy.epsilon=3")
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
              .splitlines()]
     assert len(lines) == 4
@@ -241,15 +250,7 @@ def test_a_site_keeping_local_noise_declines_a_distributed_round(tmp_path: Path)
     """A site whose policy keeps local noise (the server cannot change that) would add
     no share, so the sum would carry less noise than the other sites counted on: it
     declines, and with two sites left below their min_cohort of 3 nothing is released."""
-    data = tmp_path / "fed"
-    assert run_mmfed("data", "synth", "--out", data, "--sites", "3", "--patients-per-site",
-                     "30").returncode == 0
-    ledger = tmp_path / "ledger"
-    proc = run_mmfed("simulate", "--data", data, "--out", tmp_path / "run", *FEDSGD,
-                     "--rounds", "1", "--no-progress", "--set", "privacy.noise=distributed",
-                     "--set", "privacy.site.site-3.noise=local",
-                     "--set", f"privacy.ledger_dir={ledger}")
-    assert proc.returncode == 0, proc.stderr
+    simulate_distributed(tmp_path, 30, 1, "--set", "privacy.site.site-3.noise=local")
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert line["aggregation"]["participants"] == 0
     assert line["sites"]["site-3"]["status"] == "declined"
