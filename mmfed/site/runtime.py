@@ -22,6 +22,8 @@ from mmfed.config import MODALITY_NAMES, RunConfig, TrainSpec
 from mmfed.errors import DataError, Declined
 from mmfed.ml.device import resolve_device
 from mmfed.ml.features import EncodedSite, FeatureSchema, column_names
+from mmfed.privacy.accounting import expected_snr
+from mmfed.privacy.distributed import check_joins
 from mmfed.privacy.policy import (
     TWO_SITE_WARNING,
     PrivacyPolicy,
@@ -148,8 +150,6 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
     train, _ = site_state().splits(loaded, schema, cfg["data.val_fraction"], cfg["seed"])
     spec = site_spec(cfg.train_spec(), len(train))
     policy = policy or site_policy(node_config, cfg, loaded.name)
-    from mmfed.privacy.distributed import check_joins
-
     check_joins(policy, secagg)  # before anything is trained or spent
     model = build_model(schema, cfg.model_spec())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
@@ -181,8 +181,6 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
             return _re_release(budget, earlier, round_num, train, spec, cfg, start)
         plan = budget.plan_round(len(train), spec.batch_size, spec.epochs, round_num,
                                  cfg["rounds"])
-        from mmfed.privacy.accounting import expected_snr
-
         dim = sum(p.numel() for p in model.parameters())
         snr = expected_snr(plan.sample_rate * len(train), plan.sigma, dim,
                            plan.steps * cfg["rounds"])
@@ -235,8 +233,6 @@ def _train_distributed(model: Any, train: EncodedSite, spec: TrainSpec, schema: 
     result = train_private(model, train, spec, len(schema.classes), 0.0, policy.max_grad_norm,
                            seed, device=device, mode=cfg["privacy.grad_sample_mode"],
                            source=source)
-    from mmfed.privacy.accounting import expected_snr
-
     dim = sum(p.numel() for p in model.parameters())
     # the sum's noise is σ·C over all survivors' patients; this site's figure assumes
     # the smallest sum it accepts, of sites its own size
