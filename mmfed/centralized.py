@@ -53,7 +53,7 @@ def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, A
     final: dict[str, Any] = {}
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        stats = train_local(model, train, one_epoch, len(schema.classes),
+        stats = train_local(model, train, one_epoch, schema.task,
                             seed=site_seed(cfg["seed"], epoch, "centralized"), device=device)
         final = {k: v for k, v in evaluate(model, holdout, spec.modalities,
                                            device=device).items() if k != "n"}
@@ -72,7 +72,9 @@ def run_centralized(cfg: RunConfig, run: RunDir, log: Any = None) -> dict[str, A
     summary = {"rounds": epochs, "final": final, "sites": {},
                "wall_seconds": round(time.perf_counter() - started, 2),
                "mode": "centralized", "num_examples": len(train), "device": str(device),
-               "label_balance": np.bincount(train.labels).tolist()}
+               "task": schema.task.kind}
+    if schema.task.kind == "classification":
+        summary["label_balance"] = np.bincount(train.labels).tolist()
     run.write_summary(summary)
     return summary
 
@@ -99,8 +101,9 @@ def centralized_from_args(args: argparse.Namespace) -> int:
             summary = run_centralized(cfg, run, chain(progress.round_done, tensorboard))
     finally:
         tensorboard.close()
-    auroc = summary["final"].get("auroc")
+    from mmfed.ml.task import headline_text
+
     print(f"done: {epochs} epochs on {summary['num_examples']} pooled patients in "
-          f"{summary['wall_seconds']:.1f}s; holdout AUROC "
-          f"{auroc if auroc is None else round(auroc, 4)}; run directory {run.path}")
+          f"{summary['wall_seconds']:.1f}s; {headline_text(summary['task'], summary['final'])}"
+          f"; run directory {run.path}")
     return 0

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remove a whole modality from a site, e.g. genomics@site-2")
     synth.add_argument("--patient-missing", type=float, default=0.1,
                        help="fraction of patients lacking each optional modality")
+    synth.add_argument("--task", default="binary",
+                       choices=("binary", "multiclass", "regression", "survival"),
+                       help="outcome kind: binary (default), multiclass (4 ordered "
+                       "subtypes), regression (continuous label) or survival (time, event)")
     imp = data_sub.add_parser(
         "import", help="turn a hospital export (EHR extract, PACS/DICOM export, expression "
         "matrix) into a site folder",
@@ -73,10 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="EHR extract: CSV/TSV (delimiter detected) or Parquet")
     imp.add_argument("--id-column", required=True, metavar="COL",
                      help="the records' patient id column (becomes patient_id)")
-    imp.add_argument("--label", required=True, metavar="COL",
-                     help="the records' outcome column (becomes label)")
-    imp.add_argument("--classes", metavar="A,B,...", help="allowed label values in order "
-                     "(default: the sorted distinct values)")
+    imp.add_argument("--task", choices=("classification", "regression", "survival"),
+                     default="classification", help="what the outcome is: a class, a "
+                     "number (regression) or a follow-up time with an event (survival); "
+                     "default classification")
+    imp.add_argument("--label", metavar="COL",
+                     help="the records' outcome column (becomes label); required for "
+                     "classification and regression")
+    imp.add_argument("--classes", metavar="A,B,...", help="classification: allowed label "
+                     "values in order (default: the sorted distinct values)")
+    imp.add_argument("--time-column", metavar="COL", help="survival: the follow-up time "
+                     "column (becomes time; each value a number > 0)")
+    imp.add_argument("--event-column", metavar="COL", help="survival: the event column "
+                     "(becomes event): 1/0, true/false or yes/no in any case; 1 = event, "
+                     "0 = censored")
+    imp.add_argument("--unit", metavar="TEXT", help="regression or survival: the unit of "
+                     "the label or the times, e.g. days (written to site.toml task.unit)")
     imp.add_argument("--images", type=Path, metavar="DIR", help="image export, searched "
                      "recursively (DICOM, PNG, JPEG, TIFF, NPY)")
     imp.add_argument("--image-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"),
@@ -253,7 +269,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
             sites=args.sites, patients_per_site=args.patients_per_site, holdout=args.holdout,
             seed=args.seed, genes=args.genes,
             patient_missing={"images": args.patient_missing, "genomics": args.patient_missing},
-            site_missing=parse_missing(args.missing, args.sites))
+            site_missing=parse_missing(args.missing, args.sites), task=args.task)
         if settings.genes < 10:
             raise UsageError("--genes must be at least 10")
         cohort = synthesize(args.out, settings)

@@ -119,8 +119,9 @@ def simulate_from_args(args: argparse.Namespace) -> int:
 
 def _report_done(cfg: RunConfig, run: RunDir, started: float) -> int:
     last = read_metrics(run.path)[-1]
-    auroc = last["global"].get("auroc")
+    from mmfed.ml.task import headline_text
+
     print(f"done: {cfg['rounds']} rounds over {cfg['data.sites']} sites in "
-          f"{time.perf_counter() - started:.1f}s; holdout AUROC "
-          f"{auroc if auroc is None else round(auroc, 4)}; run directory {run.path}")
+          f"{time.perf_counter() - started:.1f}s; {headline_text(None, last['global'])}; "
+          f"run directory {run.path}")
     return 0

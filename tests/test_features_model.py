@@ -182,9 +182,11 @@ def test_column_names_share_no_numbers_category_values_or_ids(
         assert "smoking" in names.categorical  # the column name itself is shared
         assert ColumnNames.from_config(json.loads(text)) == names
         values = json.loads(text)
-        assert set(values) == {"classes", "numeric", "categorical", "genes", "image_size"}
+        assert set(values) == {"classes", "numeric", "categorical", "genes", "image_size",
+                               "kind", "unit"}  # the task as declared, not a statistic
         assert all(isinstance(v, str) for k in ("classes", "numeric", "categorical", "genes")
                    for v in values[k])  # names only: no count, sum or spread
+        assert isinstance(values["kind"], str) and isinstance(values["unit"], str)
 
 
 def test_moments_are_bounded_and_give_the_pooled_schema(sites: tuple[SiteData, SiteData],

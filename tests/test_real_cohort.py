@@ -4,6 +4,10 @@
 its folders must check clean, partition the labelled patients, and carry the labels
 that the censoring rule gives from the source survival data. The slow test then runs a
 short real federation on them with the installed ``mmfed`` executable.
+
+``--task survival`` keeps every patient with time and event instead; its folders must
+read clean as survival sites, hold all 198 patients exactly once, carry the source's
+times and events unchanged, and give every folder events to learn from.
 """
 
 from __future__ import annotations
@@ -166,3 +170,147 @@ def test_federation_on_real_cohort(federation: Path, tmp_path: Path) -> None:
     # 198 real patients: no claim about how good the model is, only that it ran.
     print(f"GSE7390 federation: holdout AUROC by round "
           f"{[round(m['global']['auroc'], 4) for m in lines]} ({elapsed:.1f}s)")
+
+
+# --task survival: data level. Times and events are compared with the source, not with
+# the script's own cohort.json, so that a bug in the script cannot vouch for itself.
+N_PATIENTS = 198
+
+
+@pytest.fixture(scope="module")
+def survival_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gse7390-surv") / "fed"
+    proc = build(out, "--task", "survival", "--sites", str(SITES), "--seed", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "kept all 198 patients" in proc.stdout
+    print(proc.stdout)
+    return out
+
+
+def source_outcomes() -> tuple[np.ndarray, np.ndarray]:
+    """(event as 0/1, time in days) per source row, straight from scikit-survival."""
+    from sksurv.datasets import load_breast_cancer
+
+    _, y = load_breast_cancer()
+    return (np.asarray(y["e.tdm"], dtype=bool).astype(np.int64),
+            np.asarray(y["t.tdm"], dtype=np.float64))
+
+
+def source_row(pid: str) -> int:
+    return int(pid.removeprefix("GSE7390-")) - 1
+
+
+def test_survival_folders_read_as_survival_sites(survival_federation: Path) -> None:
+    from mmfed.data.reader import read_site
+
+    names = sorted(p.name for p in survival_federation.iterdir())
+    assert names == sorted(["cohort.json", "holdout", *(f"site-{k + 1}" for k in
+                                                        range(SITES))])
+    cohort = json.loads((survival_federation / "cohort.json").read_text(encoding="utf-8"))
+    assert cohort["synthetic"] is False and cohort["task"] == "survival"
+    assert cohort["source"]["geo_accession"] == "GSE7390"
+    endpoint = cohort["endpoint"]
+    assert endpoint["source_columns"] == {"time": "t.tdm", "event": "e.tdm"}
+    assert (endpoint["time_column"], endpoint["event_column"], endpoint["unit"]) == \
+        ("time", "event", "days")
+    for folder in folders(survival_federation):
+        result = read_site(folder)
+        assert result.ok, result.problems
+        assert result.site is not None
+        spec = result.site.spec
+        assert (spec.kind, spec.time, spec.event, spec.unit) == \
+            ("survival", "time", "event", "days")
+        assert spec.classes == ()
+        records = pd.read_csv(folder / "records.csv", dtype=str, keep_default_na=False)
+        assert list(records.columns[:3]) == ["patient_id", "time", "event"]
+        assert "label" not in records.columns
+        assert {"age", "er", "grade", "size"} <= set(records.columns)
+        # the outcome must never reach the model as a feature
+        assert not {"time", "event"} & set(result.site.numeric_cols)
+        assert not {"time", "event"} & set(result.site.categorical_cols)
+        assert len(result.site.genes) == 76
+        want = cohort["splits"][folder.name]
+        assert len(result.site) == want["patients"]
+        assert int(result.site.labels.sum()) == want["events"]
+        assert int((result.site.labels == 0).sum()) == want["censored"]
+
+
+def test_survival_keeps_every_patient_once(survival_federation: Path) -> None:
+    seen: dict[str, str] = {}
+    for folder in folders(survival_federation):
+        records = pd.read_csv(folder / "records.csv", dtype=str, keep_default_na=False)
+        genomics = pd.read_csv(folder / "genomics.csv", dtype=str, keep_default_na=False)
+        assert list(genomics["patient_id"]) == list(records["patient_id"])
+        for pid in records["patient_id"]:
+            assert pid not in seen, f"{pid} is in both {seen[pid]} and {folder.name}"
+            seen[pid] = folder.name
+    assert sorted(seen) == [f"GSE7390-{i + 1:03d}" for i in range(N_PATIENTS)]
+    cohort = json.loads((survival_federation / "cohort.json").read_text(encoding="utf-8"))
+    assert cohort["patients_total"] == N_PATIENTS
+    assert sum(s["patients"] for s in cohort["splits"].values()) == N_PATIENTS
+
+
+def test_survival_outcomes_equal_the_source(survival_federation: Path) -> None:
+    """Every time and event, as the reader parses them, equals scikit-survival's."""
+    from mmfed.data.reader import read_site
+
+    event, days = source_outcomes()
+    checked = 0
+    for folder in folders(survival_federation):
+        site = read_site(folder).site
+        assert site is not None and site.targets is not None
+        rows = np.asarray([source_row(pid) for pid in site.ids])
+        np.testing.assert_array_equal(site.targets, days[rows])
+        np.testing.assert_array_equal(site.labels, event[rows])
+        checked += len(rows)
+    assert checked == N_PATIENTS
+    # censored patients are kept, including those censored early (binary drops them)
+    assert int((event == 0).sum()) == 147 and int(event.sum()) == 51
+    cohort = json.loads((survival_federation / "cohort.json").read_text(encoding="utf-8"))
+    assert cohort["all"] == {"patients": N_PATIENTS, "events": 51, "censored": 147}
+
+
+def test_survival_split_is_stratified_and_seeded(survival_federation: Path,
+                                                 tmp_path: Path) -> None:
+    from mmfed.data.reader import read_site
+
+    events: dict[str, int] = {}
+    for folder in folders(survival_federation):
+        site = read_site(folder).site
+        assert site is not None
+        events[folder.name] = int(site.labels.sum())
+        assert 0 < events[folder.name] < len(site), folder.name  # events and censored
+    per_site = [events[f"site-{k + 1}"] for k in range(SITES)]
+    assert max(per_site) - min(per_site) <= 1  # dealt round robin within each stratum
+    assert events["holdout"] == round(0.25 * 51)
+
+    again = build(tmp_path / "same", "--task", "survival", "--sites", str(SITES),
+                  "--seed", "0")
+    other = build(tmp_path / "other", "--task", "survival", "--sites", str(SITES),
+                  "--seed", "1")
+    assert again.returncode == 0 and other.returncode == 0, again.stderr + other.stderr
+    for name in ("site-1", "holdout"):
+        original = (survival_federation / name / "records.csv").read_bytes()
+        assert (tmp_path / "same" / name / "records.csv").read_bytes() == original
+        assert (tmp_path / "other" / name / "records.csv").read_bytes() != original
+
+
+def test_survival_refuses_a_horizon(tmp_path: Path) -> None:
+    """The horizon would be silently ignored by the survival task, so it is an error."""
+    proc = build(tmp_path / "fed", "--task", "survival", "--horizon-years", "3")
+    assert proc.returncode != 0
+    assert "--horizon-years applies to --task binary only" in proc.stderr
+    assert not (tmp_path / "fed").exists()
+
+
+def test_binary_is_the_default_task(federation: Path, tmp_path: Path) -> None:
+    """``--task binary`` writes exactly what the default always wrote."""
+    proc = build(tmp_path / "binary", "--task", "binary", "--sites", str(SITES),
+                 "--seed", "0")
+    assert proc.returncode == 0, proc.stderr
+    for folder in folders(federation):
+        for name in ("site.toml", "records.csv", "genomics.csv"):
+            assert (tmp_path / "binary" / folder.name / name).read_bytes() == \
+                (folder / name).read_bytes()
+    assert (tmp_path / "binary" / "cohort.json").read_bytes() == \
+        (federation / "cohort.json").read_bytes()

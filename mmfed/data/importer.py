@@ -6,6 +6,9 @@ patient ids got mixed up or PHI leaked into the site folder. This module is the 
 that does it, with rules written down once:
 
 - patients are the records' rows; the records' id column is the only key;
+- the task kind decides the outcome columns: a class or a number in ``label``
+  (classification, regression), or a follow-up ``time`` (> 0) and an ``event`` (1 = event,
+  0 = censored; 1/0, true/false and yes/no are accepted in any case) for survival;
 - a DICOM file belongs to the patient in its header's PatientID, any other image to the
   patient its file stem names; images of patients absent from the records are counted and
   left behind;
@@ -45,8 +48,8 @@ from mmfed.data.pixels import (
     probe,
 )
 from mmfed.data.reader import one_line, read_site
-from mmfed.data.sitespec import SITE_NAME_RE, SiteSpec, write_site_spec
-from mmfed.data.tables import read_genomics, read_records
+from mmfed.data.sitespec import SITE_NAME_RE, TASK_KINDS, SiteSpec, write_site_spec
+from mmfed.data.tables import EVENT_WORDS, read_genomics, read_records
 from mmfed.errors import DataError, UsageError
 
 IMPORT_FORMAT = 1
@@ -62,14 +65,22 @@ _PROGRESS_FILES = 200
 
 @dataclass
 class ImportSettings:
-    """What ``mmfed data import`` was asked to do (the design contract's flags)."""
+    """What ``mmfed data import`` was asked to do (the design contract's flags).
+
+    ``label`` names the outcome of classification and regression; survival names two
+    columns instead (``time_column``, ``event_column``) and leaves ``label`` empty.
+    """
 
     out: Path
     name: str
     records: Path
     id_column: str
-    label: str
+    label: str = ""
     classes: list[str] | None = None
+    task: str = "classification"
+    time_column: str = ""
+    event_column: str = ""
+    unit: str = ""
     images: Path | None = None
     image_size: tuple[int, int] = (64, 64)
     genomics: Path | None = None
@@ -113,10 +124,55 @@ class ImportResult:
         return line
 
 
+def _check_task(s: ImportSettings) -> None:
+    """Refuse, as usage errors, flags the chosen task needs but lacks and flags it would
+    ignore: an ignored ``--classes`` or ``--label`` means the operator meant another task,
+    and importing anyway would write a site folder that trains the wrong model."""
+    task = f"--task {s.task}"
+    if s.task not in TASK_KINDS:
+        raise UsageError(f"{task}: choose one of {', '.join(TASK_KINDS)}")
+    if s.task == "survival":
+        missing = [f for f, v in (("--time-column", s.time_column),
+                                  ("--event-column", s.event_column)) if not v]
+        if missing:
+            raise UsageError(f"{task} needs {' and '.join(missing)} (survival reads the "
+                             "follow-up time from --time-column and the event from "
+                             "--event-column)")
+        given = [f for f, v in (("--label", s.label), ("--classes", s.classes))
+                 if v is not None and v != ""]
+        if given:
+            raise UsageError(f"{task} does not take {' or '.join(given)}: the outcome is "
+                             "--time-column and --event-column")
+        if s.time_column == s.event_column:
+            raise UsageError(f"--time-column and --event-column name the same column "
+                             f"{s.time_column!r}")
+        outcome = [("--time-column", s.time_column), ("--event-column", s.event_column)]
+    else:
+        if not s.label:
+            raise UsageError(f"{task} needs --label (the outcome column)")
+        extra = [f for f, v in (("--time-column", s.time_column),
+                                ("--event-column", s.event_column)) if v]
+        if extra:
+            raise UsageError(f"{task} does not take {' or '.join(extra)} (survival only: "
+                             "add --task survival)")
+        if s.task == "regression" and s.classes is not None:
+            raise UsageError(f"{task} does not take --classes: a regression label is a "
+                             "number")
+        if s.task == "classification" and s.unit:
+            raise UsageError(f"{task} does not take --unit (regression and survival only)")
+        outcome = [("--label", s.label)]
+    for flag, col in outcome:
+        if col == s.id_column:
+            raise UsageError(f"--id-column and {flag} name the same column {col!r}")
+    if not s.unit.isprintable():
+        raise UsageError(f"--unit {s.unit!r}: give one line of text, such as days")
+
+
 def _check_settings(s: ImportSettings) -> None:
     if not SITE_NAME_RE.match(s.name):
         raise UsageError(f"--name {s.name!r}: use letters, digits, '.', '_' or '-' (at most "
                          "64, starting with a letter or digit)")
+    _check_task(s)
     h, w = s.image_size
     if not (4 <= h <= 4096 and 4 <= w <= 4096):
         raise UsageError(f"--image-size {h} {w}: each side must be between 4 and 4096")
@@ -335,19 +391,24 @@ def import_site(s: ImportSettings) -> ImportResult:
     problems: list[str] = []
     warnings: list[str] = []
     try:
-        rec = read_records(s.records, s.id_column, s.label, s.classes)
+        rec = read_records(s.records, s.id_column, s.label, s.classes, kind=s.task,
+                           time=s.time_column, event=s.event_column)
     except DataError as exc:
         raise DataError(exc.problems[0], exc.problems) from None
     frame = rec.frame
     warnings += rec.warnings
-    unknown_drop = [c for c in s.drop if c not in frame.columns]
+    survival = s.task == "survival"
+    targets = ("patient_id", "time", "event") if survival else ("patient_id", "label")
+    sources = ((s.id_column, s.time_column, s.event_column) if survival
+               else (s.id_column, s.label))
+    unknown_drop = [c for c in s.drop if c not in frame.columns and c not in sources]
     if unknown_drop:
         problems.append(f"--drop: no such records column: {', '.join(unknown_drop)}")
-    if s.id_column in s.drop or s.label in s.drop:
-        problems.append("--drop: the id and label columns cannot be dropped")
+    if any(c in sources for c in s.drop):
+        problems.append("--drop: the id and outcome columns cannot be dropped")
     frame = frame.drop(columns=[c for c in s.drop if c in frame.columns
-                                and c not in ("patient_id", "label")])
-    clinical = [str(c) for c in frame.columns if c not in ("patient_id", "label")]
+                                and c not in targets])
+    clinical = [str(c) for c in frame.columns if c not in targets]
     flagged = _identifying_columns(clinical)
     if flagged:
         problems.append(f"records: column(s) {', '.join(flagged)} look like direct "
@@ -382,18 +443,23 @@ def import_site(s: ImportSettings) -> ImportResult:
     if problems:
         raise DataError(one_line(problems[0]), [one_line(p) for p in problems])
 
-    spec = SiteSpec(name=s.name, label="label", classes=tuple(rec.classes),
+    spec = SiteSpec(name=s.name, label="" if survival else "label",
+                    classes=tuple(rec.classes),
                     modalities={"records": True, "images": images is not None,
                                 "genomics": genomics_frame is not None},
-                    image_size=s.image_size if images is not None else None)
+                    image_size=s.image_size if images is not None else None,
+                    kind=s.task, time="time" if survival else "",
+                    event="event" if survival else "", unit=s.unit)
     report: dict[str, Any] = {
         "format": IMPORT_FORMAT,
         "tool": "mmfed data import",
-        "settings": {"name": s.name, "label": s.label, "classes": rec.classes,
+        "settings": {"name": s.name, **_task_settings(s, rec.classes),
                      "image_size": list(s.image_size), "dropped_columns": sorted(s.drop)},
         "records": {"sha256": file_digest(s.records), "patients": len(ids),
                     "dropped_no_label": rec.dropped_no_label},
     }
+    if survival:
+        report["records"]["events"] = int((frame["event"] == "1").sum())
     if genomics_info:
         report["genomics"] = genomics_info
     patients: dict[str, dict[str, Any]] = {}
@@ -429,6 +495,29 @@ def import_site(s: ImportSettings) -> ImportResult:
         unchosen=images.unchosen if images else 0, dropped_no_label=rec.dropped_no_label,
         seconds=time.perf_counter() - start, image_seconds=images.seconds if images else 0.0,
         warnings=warnings, skipped_files=images.skipped_console if images else [])
+
+
+def _task_settings(s: ImportSettings, classes: list[str]) -> dict[str, Any]:
+    """The task part of ``import.json``'s settings: what the outcome columns were and how
+    they were recoded, so a site folder can be traced back to the export's columns.
+
+    A classification import records exactly what it recorded before task kinds existed
+    (plus ``task``), so earlier import reports and new ones compare key for key.
+    """
+    out: dict[str, Any] = {"task": s.task}
+    if s.task == "survival":
+        out |= {"time_column": s.time_column, "event_column": s.event_column,
+                "event_values": {"1 (event)": sorted(k for k, v in EVENT_WORDS.items()
+                                                     if v == "1"),
+                                 "0 (censored)": sorted(k for k, v in EVENT_WORDS.items()
+                                                        if v == "0")}}
+    else:
+        out["label"] = s.label
+        if s.task == "classification":
+            out["classes"] = classes
+    if s.unit:
+        out["unit"] = s.unit
+    return out
 
 
 RULES = [
@@ -497,17 +586,34 @@ def _remove_stale(parent: Path, name: str) -> None:
             continue
 
 
+def _unit(text: str | None) -> str:
+    """``--unit`` as written to site.toml: stripped; given but blank is a usage error
+    rather than silently no unit, since the operator meant to state one."""
+    if text is None:
+        return ""
+    if not text.strip():
+        raise UsageError("--unit: give the unit as text, such as days or months")
+    return text.strip()
+
+
 def import_from_args(args: Any) -> int:
     """The ``mmfed data import`` command."""
+    task = getattr(args, "task", None) or "classification"
     classes = None
     if args.classes is not None:
         classes = [c.strip() for c in args.classes.split(",")]
-        if any(not c for c in classes) or len(set(classes)) != len(classes):
+        # Another task refuses --classes outright (in _check_task), whatever its spelling.
+        if task == "classification" and (any(not c for c in classes)
+                                         or len(set(classes)) != len(classes)):
             raise UsageError(f"--classes {args.classes!r}: give distinct, non-empty values "
                              "separated by commas")
     drop = [c.strip() for c in (args.drop or "").split(",") if c.strip()]
     settings = ImportSettings(out=args.out, name=args.name, records=args.records,
-                              id_column=args.id_column, label=args.label, classes=classes,
+                              id_column=args.id_column, label=args.label or "",
+                              classes=classes, task=task,
+                              time_column=getattr(args, "time_column", None) or "",
+                              event_column=getattr(args, "event_column", None) or "",
+                              unit=_unit(getattr(args, "unit", None)),
                               images=args.images, image_size=tuple(args.image_size),
                               genomics=args.genomics, force=args.force, drop=drop,
                               workers=args.workers or max(1, min(4, os.cpu_count() or 1)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class SiteData:
 
     spec: SiteSpec
     ids: list[str]
-    labels: np.ndarray  # int64 class index into spec.classes
+    labels: np.ndarray  # int64: class index into spec.classes; survival: the event (0/1)
     numeric_cols: list[str]
     numeric: np.ndarray  # float32 (n, k), NaN where missing
     categorical_cols: list[str]
@@ -42,6 +43,8 @@ class SiteData:
     genes: list[str]
     genomics: np.ndarray | None  # float32 (n, G), NaN where missing
     genomics_mask: np.ndarray  # bool (n,)
+    # float64 (n,): the regression label, or the survival time; None when classifying
+    targets: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -191,8 +194,9 @@ def _check_ids(frame: pd.DataFrame, fname: str, problems: list[str]) -> list[str
 
 
 def _read_records(folder: Path, spec: SiteSpec, problems: list[str],
-                  warnings: list[str]) -> tuple[list[str], np.ndarray, list[str], np.ndarray,
-                                                list[str], list[list[str | None]]] | None:
+                  warnings: list[str]
+                  ) -> tuple[list[str], np.ndarray, np.ndarray | None, list[str], np.ndarray,
+                             list[str], list[list[str | None]]] | None:
     path = folder / "records.csv"
     if not path.is_file():
         problems.append("records.csv: missing (required)")
@@ -201,35 +205,34 @@ def _read_records(folder: Path, spec: SiteSpec, problems: list[str],
     if frame is None:
         return None
     ids = _check_ids(frame, "records.csv", problems)
-    if spec.label not in frame.columns:
-        problems.append(f"records.csv: no label column '{spec.label}' (task.label in site.toml)")
+    keys = {spec.time: "task.time", spec.event: "task.event"} if spec.kind == "survival" \
+        else {spec.label: "task.label"}
+    absent = [f"no {'label' if key == 'task.label' else key.split('.')[1]} column '{col}' "
+              f"({key} in site.toml)" for col, key in keys.items() if col not in frame.columns]
+    if absent:
+        problems.extend(f"records.csv: {text}" for text in absent)
         return None
     if len(frame) == 0:
         problems.append("records.csv: no patients")
         return None
-    labels = np.full(len(frame), -1, dtype=np.int64)
-    index = {c: i for i, c in enumerate(spec.classes)}
-    bad_labels: list[str] = []
-    for line, cell in enumerate(frame[spec.label].tolist(), start=2):
-        text = str(cell).strip()
-        if text not in index:
-            try:  # "1.0" in a CSV is the class 1
-                as_float = float(text)
-                text = str(int(as_float)) if as_float.is_integer() else text
-            except ValueError:
-                pass
-        if text in index:
-            labels[line - 2] = index[text]
-        else:
-            bad_labels.append(f"line {line} {text!r}")
-    if bad_labels:
-        problems.append(f"records.csv: label outside the declared classes "
-                        f"{list(spec.classes)} at {_examples(bad_labels)}")
+    targets: np.ndarray | None = None
+    if spec.kind == "classification":
+        labels = _class_labels(frame[spec.label].tolist(), spec, problems)
+    elif spec.kind == "regression":
+        labels = np.zeros(len(frame), dtype=np.int64)
+        targets = _numbers(frame[spec.label], spec.label, "regression label", problems,
+                           lambda v: bool(np.isfinite(v)), "a finite number")
+    else:
+        targets = _numbers(frame[spec.time], spec.time, "survival time", problems,
+                           lambda v: bool(np.isfinite(v) and v > 0), "a time > 0")
+        events = _numbers(frame[spec.event], spec.event, "event indicator", problems,
+                          lambda v: v in (0.0, 1.0), "1 (event) or 0 (censored)")
+        labels = np.nan_to_num(events, nan=0.0).astype(np.int64)  # a bad cell is a problem
     for col in spec.categorical + spec.numeric:
         if col not in frame.columns:
             problems.append(f"records.csv: column '{col}' declared in site.toml is missing")
 
-    clinical = [c for c in frame.columns if c not in ("patient_id", spec.label)]
+    clinical = [c for c in frame.columns if c not in ("patient_id", *spec.outcome_columns)]
     numeric_cols: list[str] = []
     numeric_vals: list[np.ndarray] = []
     cat_cols: list[str] = []
@@ -259,7 +262,51 @@ def _read_records(folder: Path, spec: SiteSpec, problems: list[str],
                             f"of {len(frame)} (imputed, with a missing-value indicator)")
     numeric = (np.stack(numeric_vals, axis=1).astype(np.float32) if numeric_vals
                else np.zeros((len(frame), 0), dtype=np.float32))
-    return ids, labels, numeric_cols, numeric, cat_cols, cat_vals
+    return ids, labels, targets, numeric_cols, numeric, cat_cols, cat_vals
+
+
+def _class_labels(cells: list[object], spec: SiteSpec, problems: list[str]) -> np.ndarray:
+    labels = np.full(len(cells), -1, dtype=np.int64)
+    index = {c: i for i, c in enumerate(spec.classes)}
+    bad_labels: list[str] = []
+    for line, cell in enumerate(cells, start=2):
+        text = str(cell).strip()
+        if text not in index:
+            try:  # "1.0" in a CSV is the class 1
+                as_float = float(text)
+                text = str(int(as_float)) if as_float.is_integer() else text
+            except ValueError:
+                pass
+        if text in index:
+            labels[line - 2] = index[text]
+        else:
+            bad_labels.append(f"line {line} {text!r}")
+    if bad_labels:
+        problems.append(f"records.csv: label outside the declared classes "
+                        f"{list(spec.classes)} at {_examples(bad_labels)}")
+    return labels
+
+
+def _numbers(cells: pd.Series, column: str, what: str, problems: list[str],
+             valid: Callable[[float], bool], expected: str) -> np.ndarray:
+    """An outcome column as float64, every cell checked: an outcome is never imputed,
+    so a missing or malformed one is a problem to fix, not a gap to fill."""
+    values = np.full(len(cells), np.nan, dtype=np.float64)
+    bad: list[str] = []
+    for i, cell in enumerate(cells.astype(str).tolist()):
+        text = cell.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if text in MISSING_MARKERS or not valid(value):
+            bad.append(f"line {i + 2} {text!r}")
+        else:
+            values[i] = value
+    if bad:
+        problems.append(f"records.csv: {what} in '{column}' must be {expected} at "
+                        f"{_examples(bad)} ({len(bad)} row(s))")
+    return values
 
 
 def _inside(folder: Path, path: Path) -> bool:
@@ -509,7 +556,7 @@ def _read_site(folder: Path) -> ReadResult:
     rec = _read_records(folder, spec, problems, warnings)
     if rec is None:
         return ReadResult(None, problems, warnings)
-    ids, labels, numeric_cols, numeric, cat_cols, cat_vals = rec
+    ids, labels, targets, numeric_cols, numeric, cat_cols, cat_vals = rec
     images, image_mask = _read_images(folder, spec, ids, problems, warnings)
     genes, genomics, genomics_mask = _read_genomics(folder, spec, ids, problems, warnings)
     if problems:
@@ -517,7 +564,7 @@ def _read_site(folder: Path) -> ReadResult:
     site = SiteData(spec=spec, ids=ids, labels=labels, numeric_cols=numeric_cols,
                     numeric=numeric, categorical_cols=cat_cols, categorical=cat_vals,
                     images=images, image_mask=image_mask, genes=genes, genomics=genomics,
-                    genomics_mask=genomics_mask)
+                    genomics_mask=genomics_mask, targets=targets)
     return ReadResult(site, [], warnings)
 
 
@@ -552,11 +599,25 @@ def _natural_key(path: Path) -> tuple[object, ...]:
     return tuple(int(p) if p.isdigit() else p for p in parts)
 
 
+def outcome_summary(site: SiteData) -> str:
+    """The outcome's distribution in a few words, per task kind."""
+    spec = site.spec
+    if spec.kind == "regression" and site.targets is not None:
+        y = site.targets
+        return (f"label '{spec.label}': mean {y.mean():.4g}, sd {y.std():.4g}, "
+                f"range {y.min():.4g} to {y.max():.4g}")
+    if spec.kind == "survival" and site.targets is not None:
+        events = int(site.labels.sum())
+        unit = f" {spec.unit}" if spec.unit else ""
+        return (f"survival: {events} event(s), {len(site) - events} censored; median "
+                f"follow-up {float(np.median(site.targets)):.4g}{unit}")
+    counts = np.bincount(site.labels, minlength=len(spec.classes))
+    return "labels: " + ", ".join(f"{c}: {k} ({k / len(site):.0%})"
+                                  for c, k in zip(spec.classes, counts, strict=True))
+
+
 def summarize(site: SiteData) -> str:
     """One short paragraph for ``mmfed data check``."""
-    counts = np.bincount(site.labels, minlength=len(site.spec.classes))
-    balance = ", ".join(f"{c}: {k} ({k / len(site):.0%})"
-                        for c, k in zip(site.spec.classes, counts, strict=True))
     mods = [f"records ({len(site.numeric_cols)} numeric, {len(site.categorical_cols)} "
             "categorical columns)"]
     if site.images is not None:
@@ -566,4 +627,4 @@ def summarize(site: SiteData) -> str:
                     f"{len(site)} patients)")
     tag = " [synthetic]" if site.spec.synthetic else ""
     return (f"{site.name}{tag}: {len(site)} patients; modalities: {'; '.join(mods)}; "
-            f"labels: {balance}")
+            f"{outcome_summary(site)}")

@@ -16,6 +16,7 @@ import tomli_w
 
 MODALITIES = ("records", "images", "genomics")
 OPTIONAL_MODALITIES = ("images", "genomics")
+TASK_KINDS = ("classification", "regression", "survival")
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KNOWN_TOP = {"name", "task", "modalities", "images", "records", "genomics", "synthetic",
               "description"}
@@ -34,9 +35,18 @@ class SiteSpec:
     numeric: tuple[str, ...] = ()
     synthetic: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    kind: str = "classification"
+    time: str = ""  # survival: the records column of follow-up times (> 0)
+    event: str = ""  # survival: the records column of 1 = event, 0 = censored
+    unit: str = ""  # survival: the unit the times are in, as the site states it
 
     def has(self, modality: str) -> bool:
         return self.modalities.get(modality, False)
+
+    @property
+    def outcome_columns(self) -> tuple[str, ...]:
+        """The records columns that hold the outcome: never fed to the model."""
+        return (self.time, self.event) if self.kind == "survival" else (self.label,)
 
 
 def _class_text(value: Any) -> str | None:
@@ -82,24 +92,61 @@ def parse_site_spec(path: Path) -> tuple[SiteSpec | None, list[str]]:
     task = raw.get("task")
     label = "label"
     classes: tuple[str, ...] = ()
+    kind = "classification"
+    time_col = event_col = unit = ""
     if not isinstance(task, dict):
         problems.append(f"{where}: missing [task] table (label column and classes)")
     else:
-        label_v = task.get("label", "label")
-        if not isinstance(label_v, str) or not label_v.strip():
-            problems.append(f"{where}: task.label must be a column name (got {label_v!r})")
+        kind_v = task.get("kind", "classification")
+        if kind_v not in TASK_KINDS:
+            problems.append(f"{where}: task.kind must be one of {', '.join(TASK_KINDS)} "
+                            f"(got {kind_v!r})")
         else:
-            label = label_v
-        cls = task.get("classes")
-        texts = [_class_text(c) for c in cls] if isinstance(cls, list) else None
-        if texts is None or any(t is None for t in texts):
-            problems.append(f"{where}: task.classes must be a list of integers or strings "
-                            f"(got {cls!r})")
-        elif len(set(texts)) < 2 or len(set(texts)) != len(texts):
-            problems.append(f"{where}: task.classes needs at least 2 distinct values "
-                            f"(got {cls!r})")
+            kind = kind_v
+        allowed = {"classification": {"kind", "label", "classes"},
+                   "regression": {"kind", "label", "unit"},
+                   "survival": {"kind", "time", "event", "unit"}}[kind]
+        for key in task:
+            if key not in allowed:
+                problems.append(f"{where}: task.{key} does not apply to kind = {kind!r} "
+                                f"(allowed: {', '.join(sorted(allowed))})")
+        if kind == "survival":
+            label = ""
+            for key in ("time", "event"):
+                value = task.get(key)
+                if not isinstance(value, str) or not value.strip():
+                    problems.append(f"{where}: task.{key} must name a records column "
+                                    f"(got {value!r})")
+            time_v, event_v = task.get("time"), task.get("event")
+            if isinstance(time_v, str) and isinstance(event_v, str):
+                time_col, event_col = time_v, event_v
+                if time_v == event_v:
+                    problems.append(f"{where}: task.time and task.event name the same "
+                                    f"column {time_v!r}")
         else:
-            classes = tuple(t for t in texts if t is not None)
+            label_v = task.get("label", "label")
+            if not isinstance(label_v, str) or not label_v.strip():
+                problems.append(f"{where}: task.label must be a column name (got {label_v!r})")
+            else:
+                label = label_v
+        if "unit" in task:
+            unit_v = task["unit"]
+            if not isinstance(unit_v, str) or not unit_v.strip():
+                problems.append(f"{where}: task.unit must be text such as \"days\" "
+                                f"(got {unit_v!r})")
+            else:
+                unit = unit_v.strip()
+        if kind == "classification":
+            cls = task.get("classes")
+            texts = [_class_text(c) for c in cls] if isinstance(cls, list) else None
+            if texts is None or any(t is None for t in texts):
+                problems.append(f"{where}: task.classes must be a list of integers or "
+                                f"strings (got {cls!r})")
+            elif len(set(texts)) < 2 or len(set(texts)) != len(texts):
+                problems.append(f"{where}: task.classes needs at least 2 distinct values "
+                                f"(got {cls!r})")
+            else:
+                classes = tuple(t for t in texts if t is not None)
 
     mods_raw = raw.get("modalities", {})
     modalities = {"records": True, "images": False, "genomics": False}
@@ -157,9 +204,16 @@ def parse_site_spec(path: Path) -> tuple[SiteSpec | None, list[str]]:
     if problems:
         return None, problems
     assert isinstance(name, str)
+    outcome = {time_col, event_col} if kind == "survival" else {label}
+    clash = outcome & (set(categorical) | set(numeric))
+    if clash:
+        problems.append(f"{where}: outcome column(s) {', '.join(sorted(clash))} also "
+                        "declared as clinical features in [records]")
+        return None, problems
     return SiteSpec(name=name, label=label, classes=classes, modalities=modalities,
                     image_size=image_size, categorical=categorical, numeric=numeric,
-                    synthetic=synthetic), []
+                    synthetic=synthetic, kind=kind, time=time_col, event=event_col,
+                    unit=unit), []
 
 
 def write_site_spec(path: Path, spec: SiteSpec, description: str = "") -> None:
@@ -183,8 +237,18 @@ def write_site_spec(path: Path, spec: SiteSpec, description: str = "") -> None:
     if description:
         lines.append(f"description = {value(description)}")
     classes = [int(c) if is_int(c) else c for c in spec.classes]
-    lines += ["", "[task]", f"label = {value(spec.label)}", f"classes = {value(classes)}",
-              "", "[modalities]"]
+    lines += ["", "[task]"]
+    if spec.kind != "classification":
+        lines.append(f"kind = {value(spec.kind)}")
+    if spec.kind == "survival":
+        lines += [f"time = {value(spec.time)}", f"event = {value(spec.event)}"]
+    else:
+        lines.append(f"label = {value(spec.label)}")
+    if spec.kind == "classification":
+        lines.append(f"classes = {value(classes)}")
+    if spec.unit:
+        lines.append(f"unit = {value(spec.unit)}")
+    lines += ["", "[modalities]"]
     lines += [f"{m} = {value(spec.has(m))}" for m in MODALITIES]
     if spec.image_size is not None and spec.has("images"):
         lines += ["", "[images]", f"size = {value(list(spec.image_size))}"]

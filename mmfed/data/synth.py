@@ -4,6 +4,13 @@ One latent disease severity drives all three modalities, each seen through its o
 independent noise: each modality alone is informative, their fusion more so (the
 noises average out). Sites differ the way hospitals do: label prevalence, scanner
 intensity response, cohort size and which modalities they hold.
+
+The outcome is one of four task kinds (``SynthSettings.task``). ``binary`` (the
+original cohort) draws the label first and the severity from it. The other kinds draw a
+continuous latent disease first and derive the outcome from it (ordered subtypes, a
+biomarker-like value, or a proportional-hazards event time with censoring), then map it
+onto the binary severity scale so the modality generators are shared unchanged and every
+modality carries the same planted signal whatever the task.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -62,6 +70,21 @@ CATEGORICAL_VARS: tuple[tuple[str, tuple[str, ...], float], ...] = (
 )
 N_MODULES, MODULE_SIZE, DISEASE_MODULES = 5, 20, 2
 
+TASKS = ("binary", "multiclass", "regression", "survival")
+# Continuous kinds: the latent disease z is standard normal at the holdout's case mix; its
+# severity 0.5 + LATENT_SCALE * z spans about the binary severities' range (0/1 label
+# plus noise), so the views, and so each modality's signal, match the binary cohort's.
+LATENT_SCALE = 0.6
+MULTICLASS_CUTS = (-0.674, 0.0, 0.674)  # quartiles of z at the holdout: ordered subtypes
+MULTICLASS_NOISE_SD = 0.25  # subtype boundaries are blurred, not razor cuts of z
+REGRESSION = {"intercept": 50.0, "slope": 10.0, "noise_sd": 4.0}  # label = a + b*z + e
+# Survival: Weibull proportional hazards, h(t) = lambda*k*t^(k-1)*exp(beta*z), with the
+# median time at z = 0 of SURVIVAL["median_days"]; censoring is administrative (uniform
+# end of follow-up) or dropout (exponential), independent of z: ~35 % censored at z's
+# holdout mix, ~30-45 % across the default sites' case mixes.
+SURVIVAL = {"beta": 1.0, "shape": 1.2, "median_days": 1000.0, "followup_min": 1000.0,
+            "followup_max": 3000.0, "dropout_mean_days": 8000.0}
+
 
 @dataclass
 class SynthSettings:
@@ -79,6 +102,9 @@ class SynthSettings:
     patient_missing: dict[str, float] = field(
         default_factory=lambda: {"images": 0.1, "genomics": 0.1})
     site_missing: dict[str, set[str]] = field(default_factory=dict)  # site -> modalities
+    # binary | multiclass | regression | survival; for the continuous-latent kinds the
+    # prevalence knobs set each site's case mix (see _case_mix_shift)
+    task: str = "binary"
 
 
 def parse_missing(items: list[str], sites: int) -> dict[str, set[str]]:
@@ -133,9 +159,67 @@ def _prevalences(settings: SynthSettings) -> list[float]:
 
 
 def _views(rng: np.random.Generator, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Each modality's view of a 0/1 label (or of a severity on that scale).
+
+    The shared noise is drawn first and then one noise per modality, in this order: the
+    binary cohort's bytes depend on it.
+    """
     severity = labels.astype(np.float64) + SHARED_SEVERITY_SD * rng.standard_normal(len(labels))
     return {m: severity - 0.5 + sd * rng.standard_normal(len(labels))
             for m, sd in VIEW_NOISE_SD.items()}
+
+
+def _case_mix_shift(prevalence: float, settings: SynthSettings) -> float:
+    """Mean of a site's latent disease z for the continuous-latent kinds.
+
+    The binary prevalence knobs are reused as case mix: a site with prevalence p has
+    z ~ N(Phi^-1(p) - Phi^-1(p_holdout), 1), so the holdout is the standard reference
+    (z ~ N(0, 1)) and a lower-prevalence site sees milder patients, as in binary.
+    """
+    def probit(p: float) -> float:
+        return NormalDist().inv_cdf(min(max(p, 0.01), 0.99))
+
+    return probit(prevalence) - probit(settings.holdout_prevalence)
+
+
+def _outcome(rng: np.random.Generator, task: str, n: int, shift: float
+             ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, object]]:
+    """A continuous-latent task's outcome columns, severities and summary.
+
+    Returns the records columns to insert (in order), the severity on the binary scale
+    (label 0/1 plus noise) from which the views are drawn, and the site's outcome summary
+    for ``cohort.json``. The latent z is drawn first, the outcome second.
+    """
+    z = shift + rng.standard_normal(n)
+    severity = 0.5 + LATENT_SCALE * z
+    summary: dict[str, object] = {"case_mix_shift": round(shift, 3)}
+    if task == "multiclass":
+        classes = np.searchsorted(np.asarray(MULTICLASS_CUTS),
+                                  z + MULTICLASS_NOISE_SD * rng.standard_normal(n))
+        counts = np.bincount(classes, minlength=len(MULTICLASS_CUTS) + 1)
+        summary["class_fractions"] = {str(c): round(float(k) / n, 3)
+                                      for c, k in enumerate(counts)}
+        return {"label": classes.astype(str)}, severity, summary
+    if task == "regression":
+        value = (REGRESSION["intercept"] + REGRESSION["slope"] * z
+                 + REGRESSION["noise_sd"] * rng.standard_normal(n)).round(2)
+        summary |= {"label_mean": round(float(value.mean()), 3),
+                    "label_sd": round(float(value.std()), 3)}
+        return {"label": np.array([f"{v:.2f}" for v in value])}, severity, summary
+    s = SURVIVAL
+    lam = np.log(2.0) / s["median_days"] ** s["shape"]
+    event_time = (-np.log(1.0 - rng.random(n)) / (lam * np.exp(s["beta"] * z))
+                  ) ** (1.0 / s["shape"])
+    followup = rng.uniform(s["followup_min"], s["followup_max"], n)
+    dropout = rng.exponential(s["dropout_mean_days"], n)
+    censor = np.minimum(followup, dropout)
+    event = (event_time <= censor).astype(np.int64)
+    time = np.maximum(np.minimum(event_time, censor).round(1), 0.1)  # always > 0
+    summary |= {"event_rate": round(float(event.mean()), 3),
+                "censored": round(1.0 - float(event.mean()), 3),
+                "median_time_days": round(float(np.median(time)), 1)}
+    return ({"time": np.array([f"{t:.1f}" for t in time]), "event": event.astype(str)},
+            severity, summary)
 
 
 def _records(rng: np.random.Generator, view: np.ndarray) -> pd.DataFrame:
@@ -202,11 +286,21 @@ def _write_folder(folder: Path, name: str, rng: np.random.Generator, n: int, pre
                   settings: SynthSettings, bio: _Biology, id_prefix: str,
                   absent: set[str]) -> dict[str, object]:
     folder.mkdir(parents=True, exist_ok=True)
-    labels = (rng.random(n) < prevalence).astype(np.int64)
-    views = _views(rng, labels)
+    outcome: dict[str, object]
+    if settings.task == "binary":  # label first, severity from it: the original draws
+        labels = (rng.random(n) < prevalence).astype(np.int64)
+        views = _views(rng, labels)
+        columns: dict[str, np.ndarray] = {"label": labels.astype(str)}
+        outcome = {"prevalence": round(prevalence, 3),
+                   "observed_prevalence": round(float(labels.mean()), 3)}
+    else:
+        columns, severity, outcome = _outcome(rng, settings.task, n,
+                                              _case_mix_shift(prevalence, settings))
+        views = _views(rng, severity)
     ids = [f"{id_prefix}{i + 1:05d}" for i in range(n)]
     records = _records(rng, views["records"])
-    records.insert(0, "label", labels.astype(str))
+    for col, values in reversed(columns.items()):
+        records.insert(0, col, values)
     records.insert(0, "patient_id", ids)
     records.to_csv(folder / "records.csv", index=False)
     scanner = {"gain": float(rng.uniform(0.75, 1.25)), "offset": float(rng.uniform(-25, 25)),
@@ -229,22 +323,52 @@ def _write_folder(folder: Path, name: str, rng: np.random.Generator, n: int, pre
         frame = pd.DataFrame(expr[keep].round(3), columns=bio.gene_names)
         frame.insert(0, "patient_id", [p for p, k in zip(ids, keep, strict=True) if k])
         frame.to_csv(folder / "genomics.csv", index=False)
-    spec = SiteSpec(name=name, label="label", classes=("0", "1"),
+    kind = {"binary": "classification", "multiclass": "classification"}.get(
+        settings.task, settings.task)
+    classes = {"binary": ("0", "1"),
+               "multiclass": tuple(str(c) for c in range(len(MULTICLASS_CUTS) + 1))
+               }.get(settings.task, ())
+    spec = SiteSpec(name=name, label="" if kind == "survival" else "label", classes=classes,
                     modalities={"records": True, "images": has_images,
                                 "genomics": has_genomics},
                     image_size=(settings.image_size, settings.image_size) if has_images
-                    else None, synthetic=True)
+                    else None, synthetic=True, kind=kind,
+                    time="time" if kind == "survival" else "",
+                    event="event" if kind == "survival" else "",
+                    unit={"survival": "days", "regression": "a.u."}.get(kind, ""))
     write_site_spec(folder / "site.toml", spec,
                     description="SYNTHETIC data generated by `mmfed data synth` - "
                                 "not real patients")
-    return {"name": name, "patients": n, "prevalence": round(prevalence, 3),
-            "observed_prevalence": round(float(labels.mean()), 3), "scanner": scanner,
+    return {"name": name, "patients": n, **outcome, "scanner": scanner,
             "modalities": sorted(m for m, v in spec.modalities.items() if v)}
+
+
+def _task_description(task: str) -> dict[str, object]:
+    """How the outcome was generated, so users of the cohort know what is learnable."""
+    if task == "binary":
+        return {}
+    common = {"latent": "z ~ N(case_mix_shift, 1); views see 0.5 + "
+                        f"{LATENT_SCALE} * z plus noise"}
+    if task == "multiclass":
+        return {"outcome": common | {"classes": [str(c) for c in
+                                                 range(len(MULTICLASS_CUTS) + 1)],
+                                     "rule": "ordered subtype = bin of z + noise",
+                                     "cuts": list(MULTICLASS_CUTS),
+                                     "noise_sd": MULTICLASS_NOISE_SD}}
+    if task == "regression":
+        return {"outcome": common | {"rule": "label = intercept + slope * z + noise",
+                                     **REGRESSION}}
+    return {"outcome": common | {"rule": "Weibull proportional hazards, hazard ratio "
+                                         "exp(beta * z) per unit z; censoring independent",
+                                 **SURVIVAL}}
 
 
 def synthesize(out: Path | str, settings: SynthSettings) -> dict[str, object]:
     """Write ``out/site-1 … site-N`` and ``out/holdout``; returns the cohort description."""
     out = Path(out)
+    if settings.task not in TASKS:
+        raise UsageError(f"unknown synth task {settings.task!r} (choose one of "
+                         f"{', '.join(TASKS)})")
     if settings.sites < 1 or settings.patients_per_site < 20 or settings.holdout < 20:
         raise UsageError("synth needs at least 1 site, 20 patients per site and 20 holdout "
                          "patients")
@@ -267,6 +391,8 @@ def synthesize(out: Path | str, settings: SynthSettings) -> dict[str, object]:
         "note": "SYNTHETIC cohort generated by mmfed; no real patient is represented.",
         "generator_version": GENERATOR_VERSION,
         "seed": settings.seed,
+        "task": settings.task,
+        **_task_description(settings.task),
         "sites": sites,
         "holdout": holdout,
         "disease_module_genes": sorted(bio.gene_names[i] for k in range(DISEASE_MODULES)

@@ -21,7 +21,7 @@ import gc
 import io
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,10 +61,11 @@ _BOM = b"\xef\xbb\xbf"
 class Records:
     """The records of one export, renamed to the site folder's columns."""
 
-    frame: pd.DataFrame  # 'patient_id', 'label', then the clinical columns, all text
-    classes: list[str]  # allowed label values in order
+    frame: pd.DataFrame  # 'patient_id', the outcome columns, then the clinical ones, text
+    classes: list[str]  # allowed label values in order; empty unless classifying
     warnings: list[str]  # one line each
-    dropped_no_label: int
+    dropped_no_label: int  # rows dropped because an outcome cell was missing
+    kind: str = "classification"  # outcome columns: 'label'; survival: 'time', 'event'
 
 
 @dataclass
@@ -527,88 +528,73 @@ def _integer_value(text: str) -> int | None:
     return None
 
 
-def read_records(path: Path, id_column: str, label: str,
-                 classes: list[str] | None) -> Records:
-    """The export's records as the site folder's columns, or a DataError listing every
-    problem (its message is the first).
+# Survival event spellings an EHR extract uses, compared case-insensitively after
+# stripping; any number equal to 1 or 0 ("1.0", "0.0") is accepted as well.
+EVENT_WORDS: dict[str, str] = {"1": "1", "0": "0", "true": "1", "false": "0",
+                               "yes": "1", "no": "0"}
 
-    The id column becomes 'patient_id' and the label column 'label'; the rest are
-    clinical columns kept as text. A row without a label is dropped, with a warning
-    that counts it, because an outcome that was not recorded cannot train. Rows with
-    every cell empty (spreadsheet leftovers) are ignored with a warning. Labels are
-    stripped; when the classes are integers, '1.0' is class '1'. Default classes are
-    the distinct labels, sorted numerically when all are integers (so '2' < '10'),
-    else as text.
-    """
-    path = Path(path)
-    grid = _load(path, matrix=False)
-    name = grid.name
-    frame = _frame(grid)
-    columns = list(grid.header)
-    problems: list[str] = []
-    warnings: list[str] = []
 
-    if id_column not in columns:
-        problems.append(f"{name}: no id column {id_column!r} (--id-column); "
-                        f"{_columns_hint(columns, id_column)}")
-    if label not in columns:
-        problems.append(f"{name}: no label column {label!r} (--label); "
-                        f"{_columns_hint(columns, label)}")
-    if id_column == label:
-        problems.append(f"{name}: --id-column and --label name the same column {label!r}")
-    for col in columns:
-        if col in ("patient_id", "label") and col not in (id_column, label):
-            role, source = ("id", id_column) if col == "patient_id" else ("label", label)
-            problems.append(f"{name}: column {col!r} would collide with the {role} column "
-                            f"(the import renames {source!r} to {col!r}); rename it in "
-                            "the export")
-    if problems and (id_column not in columns or label not in columns
-                     or id_column == label):
-        raise DataError(one_line(problems[0]), [one_line(p) for p in problems])
+@dataclass(frozen=True)
+class _Outcome:
+    """One outcome column of the export: where it is read from and what it becomes."""
 
-    stripped = {c: frame[c].str.strip() for c in columns}
-    empty_row = np.logical_and.reduce([stripped[c].isin(MISSING_MARKERS).to_numpy()
-                                       for c in columns])
-    n_empty = int(empty_row.sum())
-    if n_empty:
-        warnings.append(f"{name}: {_plural(n_empty, 'empty row')} ignored (every cell "
-                        f"empty): {_places(grid, np.flatnonzero(empty_row).tolist())}")
+    source: str  # the export's column
+    target: str  # the site folder's column: 'label', 'time' or 'event'
+    flag: str  # the command-line flag that named it, for messages
 
-    ids = frame[id_column].tolist()
-    bad: dict[str, list[int]] = {}
-    seen: dict[str, list[int]] = {}
-    for row, pid in enumerate(ids):
-        if empty_row[row]:
+
+def _outcomes(kind: str, label: str, time: str, event: str) -> list[_Outcome]:
+    if kind == "survival":
+        return [_Outcome(time, "time", "--time-column"),
+                _Outcome(event, "event", "--event-column")]
+    if kind in ("classification", "regression"):
+        return [_Outcome(label, "label", "--label")]
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+def _number(text: str) -> float | None:
+    """The number an outcome cell holds, by the site reader's parse (``float`` of the
+    stripped text), or None. Infinity, NaN and values beyond float32 are refused: the
+    model holds outcomes as float32, where they would silently become infinity."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if abs(value) <= _FLOAT32_MAX else None
+
+
+def _event(text: str) -> str | None:
+    """'1' (event) or '0' (censored) for an accepted spelling, else None."""
+    word = EVENT_WORDS.get(text.casefold())
+    if word is not None:
+        return word
+    value = _number(text)
+    if value == 1.0:
+        return "1"
+    if value == 0.0:
+        return "0"
+    return None
+
+
+def _bad_values(grid: _Grid, rows: list[int], texts: list[str],
+                ok: Callable[[str], bool]) -> tuple[int, list[str]]:
+    """How many of the kept cells fail ``ok``, and the first few as 'line 5 ('x')'."""
+    shown: list[str] = []
+    n_bad = 0
+    for row, text in zip(rows, texts, strict=True):
+        if ok(text):
             continue
-        why = bad_id(pid)
-        if why is not None:
-            bad.setdefault(why, []).append(row)
-        else:
-            seen.setdefault(pid, []).append(row)
-    for why, rows in bad.items():
-        if why == "empty":
-            problems.append(f"{name}: missing patient id ({id_column!r} empty) at "
-                            f"{_places(grid, rows)}")
-        else:
-            shown = ", ".join(f"{grid.place(r)} ({ids[r]!r})" for r in rows[:_MAX_EXAMPLES])
-            more = len(rows) - _MAX_EXAMPLES
-            problems.append(f"{name}: patient id {why} at {shown}"
-                            f"{f' and {more} more' if more > 0 else ''}")
-    dupes = [(pid, rows) for pid, rows in seen.items() if len(rows) > 1]
-    if dupes:
-        shown_d = [f"{pid!r} ({_places(grid, rows)})" for pid, rows in dupes]
-        problems.append(f"{name}: duplicate patient ids in {id_column!r}: "
-                        f"{_examples(shown_d)}")
+        n_bad += 1
+        if len(shown) < _MAX_EXAMPLES:
+            shown.append(f"{grid.place(row)} ({text!r})")
+    return n_bad, shown
 
-    cells = stripped[label].tolist()
-    missing = stripped[label].isin(MISSING_MARKERS).to_numpy() & ~empty_row
-    dropped = int(missing.sum())
-    if dropped:
-        warnings.append(f"{name}: {_plural(dropped, 'patient')} without a label in "
-                        f"{label!r} (dropped): {_places(grid, np.flatnonzero(missing).tolist())}")
-    keep = np.flatnonzero(~missing & ~empty_row).tolist()
-    present = [cells[r] for r in keep]
 
+def _class_values(grid: _Grid, label: str, keep: list[int], present: list[str],
+                  classes: list[str] | None, problems: list[str],
+                  warnings: list[str]) -> tuple[list[str], list[str]]:
+    """The classification labels as class names, and the classes in order."""
+    name = grid.name
     canonical: list[str] = list(present)
     n_outside = 0
     if classes is not None:
@@ -657,27 +643,165 @@ def read_records(path: Path, id_column: str, label: str,
             if variants:
                 warnings.append(f"{name}: label values that differ only in case are "
                                 f"different classes: {'; '.join(variants[:_MAX_EXAMPLES])}")
-    if keep:
-        # A small site may see one outcome only; with the federation's classes given it
-        # still trains (the other sites hold the rest), so only a guess is refused.
-        if len(set(canonical)) < 2 and not n_outside and classes is None:
-            only = canonical[0]
-            problems.append(f"{name}: every patient has the label {only!r} in {label!r}; "
-                            "give the federation's classes with --classes")
+    # A small site may see one outcome only; with the federation's classes given it
+    # still trains (the other sites hold the rest), so only a guess is refused.
+    if keep and len(set(canonical)) < 2 and not n_outside and classes is None:
+        problems.append(f"{name}: every patient has the label {canonical[0]!r} in "
+                        f"{label!r}; give the federation's classes with --classes")
+    return canonical, list(final)
+
+
+def read_records(path: Path, id_column: str, label: str,
+                 classes: list[str] | None, *, kind: str = "classification",
+                 time: str = "", event: str = "") -> Records:
+    """The export's records as the site folder's columns, or a DataError listing every
+    problem (its message is the first).
+
+    The id column becomes 'patient_id'; the outcome becomes 'label' (classification,
+    regression) or 'time' and 'event' (survival, from ``time`` and ``event``; ``label``
+    is then unused); the rest are clinical columns kept as text. A row without its
+    outcome (any outcome cell missing) is dropped, with a warning that counts it,
+    because an outcome that was not recorded cannot train. Rows with every cell empty
+    (spreadsheet leftovers) are ignored with a warning. Outcome cells are stripped.
+
+    - classification: when the classes are integers, '1.0' is class '1'. Default
+      classes are the distinct labels, sorted numerically when all are integers (so
+      '2' < '10'), else as text.
+    - regression: every label must be a finite number (``float`` of the text, within
+      float32); the text is kept as written.
+    - survival: every time must be a finite number > 0 (text kept); every event one of
+      1/0, true/false, yes/no (any case) or a number equal to 1 or 0, written as '1'
+      (event) or '0' (censored).
+
+    Outcome values are checked here, by the site reader's rules, so that a fault is
+    reported against the export's own lines rather than as a failed check of a folder
+    the operator never saw.
+    """
+    path = Path(path)
+    outcomes = _outcomes(kind, label, time, event)
+    grid = _load(path, matrix=False)
+    name = grid.name
+    frame = _frame(grid)
+    columns = list(grid.header)
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    if id_column not in columns:
+        problems.append(f"{name}: no id column {id_column!r} (--id-column); "
+                        f"{_columns_hint(columns, id_column)}")
+    for o in outcomes:
+        if o.source not in columns:
+            problems.append(f"{name}: no {o.target} column {o.source!r} ({o.flag}); "
+                            f"{_columns_hint(columns, o.source)}")
+    named = [("--id-column", id_column)] + [(o.flag, o.source) for o in outcomes]
+    same = False
+    for i, (flag_a, col_a) in enumerate(named):
+        for flag_b, col_b in named[i + 1:]:
+            if col_a == col_b:
+                same = True
+                problems.append(f"{name}: {flag_a} and {flag_b} name the same column "
+                                f"{col_a!r}")
+    roles = {"patient_id": ("id", id_column)} | {o.target: (o.target, o.source)
+                                                 for o in outcomes}
+    sources = [o.source for o in outcomes]
+    for col in columns:
+        if col in roles and col not in (id_column, *sources):
+            role, source = roles[col]
+            problems.append(f"{name}: column {col!r} would collide with the {role} column "
+                            f"(the import renames {source!r} to {col!r}); rename it in "
+                            "the export")
+    if problems and (same or any(c not in columns for c in (id_column, *sources))):
+        raise DataError(one_line(problems[0]), [one_line(p) for p in problems])
+
+    stripped = {c: frame[c].str.strip() for c in columns}
+    empty_row = np.logical_and.reduce([stripped[c].isin(MISSING_MARKERS).to_numpy()
+                                       for c in columns])
+    n_empty = int(empty_row.sum())
+    if n_empty:
+        warnings.append(f"{name}: {_plural(n_empty, 'empty row')} ignored (every cell "
+                        f"empty): {_places(grid, np.flatnonzero(empty_row).tolist())}")
+
+    ids = frame[id_column].tolist()
+    bad: dict[str, list[int]] = {}
+    seen: dict[str, list[int]] = {}
+    for row, pid in enumerate(ids):
+        if empty_row[row]:
+            continue
+        why = bad_id(pid)
+        if why is not None:
+            bad.setdefault(why, []).append(row)
+        else:
+            seen.setdefault(pid, []).append(row)
+    for why, rows in bad.items():
+        if why == "empty":
+            problems.append(f"{name}: missing patient id ({id_column!r} empty) at "
+                            f"{_places(grid, rows)}")
+        else:
+            shown = ", ".join(f"{grid.place(r)} ({ids[r]!r})" for r in rows[:_MAX_EXAMPLES])
+            more = len(rows) - _MAX_EXAMPLES
+            problems.append(f"{name}: patient id {why} at {shown}"
+                            f"{f' and {more} more' if more > 0 else ''}")
+    dupes = [(pid, rows) for pid, rows in seen.items() if len(rows) > 1]
+    if dupes:
+        shown_d = [f"{pid!r} ({_places(grid, rows)})" for pid, rows in dupes]
+        problems.append(f"{name}: duplicate patient ids in {id_column!r}: "
+                        f"{_examples(shown_d)}")
+
+    missing = np.logical_or.reduce([stripped[s].isin(MISSING_MARKERS).to_numpy()
+                                    for s in sources]) & ~empty_row
+    without = (f"a label in {label!r}" if kind != "survival"
+               else f"a time in {time!r} or an event in {event!r}")
+    lacking = "a label" if kind != "survival" else "a time or an event"
+    dropped = int(missing.sum())
+    if dropped:
+        warnings.append(f"{name}: {_plural(dropped, 'patient')} without {without} "
+                        f"(dropped): {_places(grid, np.flatnonzero(missing).tolist())}")
+    keep = np.flatnonzero(~missing & ~empty_row).tolist()
+    present = {s: [stripped[s].iat[r] for r in keep] for s in sources}
+
+    final: list[str] = []
+    values: dict[str, list[str]] = {o.target: present[o.source] for o in outcomes}
+    if kind == "classification":
+        values["label"], final = _class_values(grid, label, keep, present[label], classes,
+                                               problems, warnings)
+    elif kind == "regression":
+        n_bad, examples = _bad_values(grid, keep, present[label],
+                                   lambda t: _number(t) is not None)
+        if n_bad:
+            problems.append(f"{name}: regression label in {label!r} must be a finite number "
+                            f"at {_examples(examples, n_bad)}")
     else:
+        def positive(text: str) -> bool:
+            value = _number(text)
+            return value is not None and value > 0
+
+        n_bad, examples = _bad_values(grid, keep, present[time], positive)
+        if n_bad:
+            problems.append(f"{name}: survival time in {time!r} must be a number > 0 at "
+                            f"{_examples(examples, n_bad)}")
+        n_bad, examples = _bad_values(grid, keep, present[event], lambda t: _event(t) is not None)
+        if n_bad:
+            problems.append(f"{name}: event in {event!r} must be 1/0, true/false or yes/no "
+                            f"(1 = event, 0 = censored) at {_examples(examples, n_bad)}")
+        else:
+            values["event"] = [_event(t) or "0" for t in present[event]]
+            if keep and "1" not in values["event"]:
+                warnings.append(f"{name}: no events in {event!r} (every patient censored)")
+    if not keep:
         why_none = ("the file has no rows" if grid.rows == 0
-                    else f"all {_plural(grid.rows, 'row')} lack a label or are empty")
+                    else f"all {_plural(grid.rows, 'row')} lack {lacking} or are empty")
         problems.append(f"{name}: no patients ({why_none})")
 
     if problems:
         raise DataError(one_line(problems[0]), [one_line(p) for p in problems])
 
-    clinical = [c for c in columns if c not in (id_column, label)]
+    clinical = [c for c in columns if c not in (id_column, *sources)]
     out = frame.iloc[keep][clinical].reset_index(drop=True)
-    out.insert(0, "label", pd.Series(canonical, dtype=object))
+    for o in reversed(outcomes):
+        out.insert(0, o.target, pd.Series(values[o.target], dtype=object))
     out.insert(0, "patient_id", pd.Series([ids[r] for r in keep], dtype=object))
-    return Records(frame=out, classes=list(final),
-                   warnings=[one_line(w) for w in warnings], dropped_no_label=dropped)
+    return Records(frame=out, classes=final, warnings=[one_line(w) for w in warnings],
+                   dropped_no_label=dropped, kind=kind)
 
 
 # --------------------------------------------------------------------------- genomics

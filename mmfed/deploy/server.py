@@ -294,11 +294,12 @@ def serve(plan: ServerPlan, *, live: bool | None = None) -> int:
         raise MmfedError(f"the run did not finish: {reason} (see "
                          f"{logs / 'serverapp.log'} and {logs / 'superlink.log'})")
     last = read_metrics(plan.run_path)[-1]
-    auroc = last["global"].get("auroc")
+    from mmfed.ml.task import headline_text
+
     trained = sum(1 for s in last["sites"].values() if s.get("status") == "trained")
     print(f"done: {cfg['rounds']} rounds, {trained} of {plan.sites} sites trained in the last "
-          f"round, in {time.perf_counter() - started:.1f}s; holdout AUROC "
-          f"{auroc if auroc is None else round(auroc, 4)}; run directory {plan.run_path}")
+          f"round, in {time.perf_counter() - started:.1f}s; "
+          f"{headline_text(None, last['global'])}; run directory {plan.run_path}")
     return 0
 
 

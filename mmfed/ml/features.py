@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmfed.ml.task import Task, outcome_values, outcome_width, task_from_moments
+
 if TYPE_CHECKING:  # the reader pulls in pandas; secure-aggregation stages never read data
     from mmfed.data.reader import SiteData
 
@@ -40,13 +42,27 @@ class FeatureSchema:
     gene_std: list[float]
     image_size: tuple[int, int]
     hash_buckets: int = HASH_BUCKETS
+    outcome: dict[str, Any] = field(default_factory=dict)  # Task.to_config(); {} = classify
+
+    @property
+    def task(self) -> Task:
+        from mmfed.errors import DataError
+
+        try:
+            return Task.from_config(self.outcome, self.classes)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"feature schema: malformed task ({exc})") from None
 
     def to_config(self) -> dict[str, Any]:
-        return {"classes": self.classes, "numeric": self.numeric,
-                "numeric_mean": self.numeric_mean, "numeric_std": self.numeric_std,
-                "categorical": self.categorical, "genes": self.genes,
-                "gene_mean": self.gene_mean, "gene_std": self.gene_std,
-                "image_size": list(self.image_size), "hash_buckets": self.hash_buckets}
+        out = {"classes": self.classes, "numeric": self.numeric,
+               "numeric_mean": self.numeric_mean, "numeric_std": self.numeric_std,
+               "categorical": self.categorical, "genes": self.genes,
+               "gene_mean": self.gene_mean, "gene_std": self.gene_std,
+               "image_size": list(self.image_size), "hash_buckets": self.hash_buckets}
+        # Flat keys (a Flower ConfigRecord holds no nested tables); a classification
+        # schema keeps its earlier form, and so its hash.
+        out.update({f"task_{k}": v for k, v in self.outcome.items()})
+        return out
 
     @staticmethod
     def from_config(cfg: dict[str, Any]) -> FeatureSchema:
@@ -61,7 +77,8 @@ class FeatureSchema:
             gene_mean=[float(v) for v in cfg.get("gene_mean", [])],
             gene_std=[float(v) for v in cfg.get("gene_std", [])],
             image_size=(size[0], size[1]), hash_buckets=int(cfg.get("hash_buckets",
-                                                                    HASH_BUCKETS)))
+                                                                    HASH_BUCKETS)),
+            outcome={k[len("task_"):]: v for k, v in cfg.items() if k.startswith("task_")})
 
 
 # Clipping scale of a column the server's holdout cannot suggest one for: wide enough
@@ -78,11 +95,14 @@ class ColumnNames:
     categorical: list[str]
     genes: list[str]
     image_size: tuple[int, int] | None
+    kind: str = "classification"
+    unit: str = ""
 
     def to_config(self) -> dict[str, Any]:
         return {"classes": self.classes, "numeric": self.numeric,
                 "categorical": self.categorical, "genes": self.genes,
-                "image_size": list(self.image_size or (0, 0))}
+                "image_size": list(self.image_size or (0, 0)), "kind": self.kind,
+                "unit": self.unit}
 
     @staticmethod
     def from_config(cfg: dict[str, Any]) -> ColumnNames:
@@ -91,7 +111,9 @@ class ColumnNames:
                            numeric=[str(c) for c in cfg.get("numeric", [])],
                            categorical=[str(c) for c in cfg.get("categorical", [])],
                            genes=[str(g) for g in cfg.get("genes", [])],
-                           image_size=(size[0], size[1]) if size[0] > 0 else None)
+                           image_size=(size[0], size[1]) if size[0] > 0 else None,
+                           kind=str(cfg.get("kind", "classification")),
+                           unit=str(cfg.get("unit", "")))
 
 
 def column_names(site: SiteData) -> ColumnNames:
@@ -99,7 +121,7 @@ def column_names(site: SiteData) -> ColumnNames:
     genes = list(site.genes) if site.genomics is not None else []
     return ColumnNames(classes=list(site.spec.classes), numeric=list(site.numeric_cols),
                        categorical=list(site.categorical_cols), genes=genes,
-                       image_size=size)
+                       image_size=size, kind=site.spec.kind, unit=site.spec.unit)
 
 
 @dataclass
@@ -120,22 +142,34 @@ class StatsLayout:
     categorical: list[str]
     genes: list[str]
     image_size: tuple[int, int]
-    scales: list[float]  # numeric columns, then genes
+    scales: list[float]  # numeric columns, then genes, then the outcome's columns
     centres: list[float] = field(default_factory=list)  # same order; empty: all 0
+    kind: str = "classification"
+    unit: str = ""
+    edges: list[float] = field(default_factory=list)  # survival: event-time histogram
 
     def __post_init__(self) -> None:
         if not self.centres:
             self.centres = [0.0] * len(self.scales)
 
     @property
+    def outcome_columns(self) -> int:
+        """Statistics columns after the features that agree the task: the regression
+        target's moments, or the event-time histogram (see :mod:`mmfed.ml.task`)."""
+        return outcome_width(self.kind, self.edges)
+
+    @property
     def columns(self) -> int:
-        return len(self.numeric) + len(self.genes)
+        return len(self.numeric) + len(self.genes) + self.outcome_columns
 
     def to_config(self) -> dict[str, Any]:
-        return {"classes": self.classes, "numeric": self.numeric,
-                "categorical": self.categorical, "genes": self.genes,
-                "image_size": list(self.image_size), "scales": self.scales,
-                "centres": self.centres}
+        out = {"classes": self.classes, "numeric": self.numeric,
+               "categorical": self.categorical, "genes": self.genes,
+               "image_size": list(self.image_size), "scales": self.scales,
+               "centres": self.centres}
+        if self.kind != "classification":
+            out.update(kind=self.kind, unit=self.unit, edges=self.edges)
+        return out
 
     @staticmethod
     def from_config(cfg: dict[str, Any]) -> StatsLayout:
@@ -148,7 +182,17 @@ class StatsLayout:
                              genes=[str(g) for g in cfg.get("genes", [])],
                              image_size=(size[0], size[1]),
                              scales=[float(s) for s in cfg.get("scales", [])],
-                             centres=[float(c) for c in cfg.get("centres", [])])
+                             centres=[float(c) for c in cfg.get("centres", [])],
+                             kind=str(cfg.get("kind", "classification")),
+                             unit=str(cfg.get("unit", "")),
+                             edges=[float(e) for e in cfg.get("edges", [])])
+        if layout.kind not in ("classification", "regression", "survival"):
+            raise DataError(f"statistics layout: unknown task kind {layout.kind!r}")
+        if layout.kind == "survival" and (len(layout.edges) < 3 or not all(
+                np.isfinite(e) and e > 0 for e in layout.edges)
+                or bool(np.any(np.diff(layout.edges) <= 0))):
+            raise DataError("statistics layout: survival needs increasing positive "
+                            "histogram edges")
         if len(layout.scales) != layout.columns or not all(
                 np.isfinite(s) and s > 0 for s in layout.scales):
             raise DataError("statistics layout: one positive scale per column is needed")
@@ -161,7 +205,21 @@ class StatsLayout:
         """Centres and scales from reference data (the server's holdout): the mean, and
         twice the largest distance from it, so that nearly no site value is clipped. A
         column no reference has is centred on 0 with the largest gene scale (genes
-        share one assay) or ``DEFAULT_SCALE``."""
+        share one assay) or ``DEFAULT_SCALE``. A survival task's histogram edges span
+        the references' event times; its indicator columns need no scale."""
+        from mmfed.errors import DataError
+        from mmfed.ml.task import histogram_edges
+
+        for ref in references:
+            if ref.spec.kind != self.kind:
+                raise DataError(f"{ref.name}: its task is {ref.spec.kind}, the sites' is "
+                                f"{self.kind} (task.kind in site.toml)")
+        if self.kind == "survival":
+            times = [r.targets[r.labels == 1] for r in references if r.targets is not None]
+            self.edges = histogram_edges(np.concatenate(times) if times else None)
+            self.scales = self.scales[:len(self.numeric) + len(self.genes)]
+            self.scales += [1.0] * self.outcome_columns
+            self.centres = [0.0] * len(self.scales)
         columns: list[list[np.ndarray]] = [[] for _ in range(self.columns)]
         for ref in references:
             for j, values in enumerate(_column_values(ref, self)):
@@ -174,25 +232,39 @@ class StatsLayout:
             centres.append(centre)
             spans.append(float(np.abs(seen - centre).max()) if seen.size else 0.0)
         k = len(self.numeric)
-        gene_spans = [s for s in spans[k:] if s > 0]
+        gene_spans = [s for s in spans[k:k + len(self.genes)] if s > 0]
         gene_default = 2.0 * max(gene_spans) if gene_spans else DEFAULT_SCALE
-        scales = [max(2.0 * s, 1e-6) if s > 0 else (DEFAULT_SCALE if j < k else gene_default)
+        g = k + len(self.genes)
+        scales = [max(2.0 * s, 1e-6) if s > 0 else (gene_default if k <= j < g
+                                                     else DEFAULT_SCALE)
                   for j, s in enumerate(spans)]
+        if self.kind == "survival":  # indicators: centre 0, scale 1, whatever was seen
+            scales[g:] = [1.0] * self.outcome_columns
+            centres[g:] = [0.0] * self.outcome_columns
         return StatsLayout(self.classes, self.numeric, self.categorical, self.genes,
-                           self.image_size, scales, centres)
+                           self.image_size, scales, centres, self.kind, self.unit,
+                           list(self.edges))
 
 
 def _column_values(site: SiteData, layout: StatsLayout) -> list[np.ndarray | None]:
     """The site's values for each layout column (None where it lacks the column);
-    genes only of the patients who have genomics."""
+    genes only of the patients who have genomics; then the outcome's columns."""
+    from mmfed.errors import DataError
+
+    if site.spec.kind != layout.kind:
+        raise DataError(f"{site.name}: the federation's task is {layout.kind}, this site's "
+                        f"is {site.spec.kind} (task.kind in site.toml)")
     col = {c: j for j, c in enumerate(site.numeric_cols)}
     out: list[np.ndarray | None] = [site.numeric[:, col[c]] if c in col else None
                                     for c in layout.numeric]
     if site.genomics is None:
-        return out + [None] * len(layout.genes)
-    present = site.genomics[site.genomics_mask]
-    gcol = {g: j for j, g in enumerate(site.genes)}
-    return out + [present[:, gcol[g]] if g in gcol else None for g in layout.genes]
+        out += [None] * len(layout.genes)
+    else:
+        present = site.genomics[site.genomics_mask]
+        gcol = {g: j for j, g in enumerate(site.genes)}
+        out += [present[:, gcol[g]] if g in gcol else None for g in layout.genes]
+    tail = outcome_values(layout.kind, site.labels, site.targets, layout.edges)
+    return out + ([*tail] if tail else [None] * layout.outcome_columns)
 
 
 def merge_names(names: list[ColumnNames], default_image_size: tuple[int, int] = (64, 64)
@@ -208,17 +280,31 @@ def merge_names(names: list[ColumnNames], default_image_size: tuple[int, int] = 
 
     classes = names[0].classes
     for other in names[1:]:
+        if other.kind != names[0].kind:
+            raise DataError(f"sites disagree on task.kind: {names[0].kind} vs {other.kind} "
+                            "(every site of a federation has the same task)")
         if other.classes != classes:
             raise DataError(f"sites disagree on task.classes: {classes} vs {other.classes}")
+        if other.unit != names[0].unit:
+            raise DataError(f"sites disagree on task.unit: {names[0].unit!r} vs "
+                            f"{other.unit!r} (times and values must be in one unit)")
     sizes = {n.image_size for n in names if n.image_size is not None}
     if len(sizes) > 1:
         raise DataError(f"sites disagree on images.size: {sorted(sizes)}")
     categorical = sorted({c for n in names for c in n.categorical})
     numeric = sorted({c for n in names for c in n.numeric} - set(categorical))
     genes = sorted({g for n in names for g in n.genes})
-    return StatsLayout(classes=classes, numeric=numeric, categorical=categorical,
-                       genes=genes, image_size=sizes.pop() if sizes else default_image_size,
-                       scales=[DEFAULT_SCALE] * (len(numeric) + len(genes)))
+    from mmfed.ml.task import histogram_edges
+
+    kind = names[0].kind
+    edges = histogram_edges(None) if kind == "survival" else []
+    layout = StatsLayout(classes=classes, numeric=numeric, categorical=categorical,
+                         genes=genes, image_size=sizes.pop() if sizes else default_image_size,
+                         scales=[], kind=kind, unit=names[0].unit, edges=edges)
+    layout.scales = [DEFAULT_SCALE] * (len(numeric) + len(genes)) \
+        + [1.0 if kind == "survival" else DEFAULT_SCALE] * layout.outcome_columns
+    layout.centres = [0.0] * len(layout.scales)
+    return layout
 
 
 def column_moments(site: SiteData, layout: StatsLayout, count_cap: int | None = None
@@ -273,11 +359,15 @@ def schema_from_moments(layout: StatsLayout, moments: np.ndarray, counts: np.nda
         means.append(centre + m1 * scale)
         stds.append(float(np.sqrt(var)) if var > 1e-12 else 1.0)
     k = len(layout.numeric)
+    g = k + len(layout.genes)
+    task = task_from_moments(layout.kind, layout.classes, layout.unit, layout.edges,
+                             means[g:], stds[g:])
     return FeatureSchema(classes=layout.classes, numeric=layout.numeric,
                          numeric_mean=means[:k], numeric_std=stds[:k],
                          categorical=layout.categorical, genes=layout.genes,
-                         gene_mean=means[k:], gene_std=stds[k:],
-                         image_size=layout.image_size)
+                         gene_mean=means[k:g], gene_std=stds[k:g],
+                         image_size=layout.image_size,
+                         outcome={} if layout.kind == "classification" else task.to_config())
 
 
 def pooled_schema(sites: list[SiteData]) -> FeatureSchema:
@@ -305,23 +395,47 @@ class EncodedSite:
     image: np.ndarray  # float32 (n, 1, H, W): per-image standardized, zeros if absent
     genomics: np.ndarray  # float32 (n, G): standardized, missing -> 0
     mask: np.ndarray  # float32 (n, 3): records, images, genomics present
-    labels: np.ndarray  # int64 (n,)
+    labels: np.ndarray  # int64 (n,): class index; survival: the event (0/1)
+    targets: np.ndarray | None = None  # float64 (n,): regression value / survival time
+
+    def __post_init__(self) -> None:
+        if self.targets is None:
+            self.targets = np.zeros(len(self.labels), dtype=np.float64)
+
+    @property
+    def outcome(self) -> np.ndarray:
+        """``targets`` for code that needs an array (it is always set after init)."""
+        assert self.targets is not None
+        return self.targets
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> EncodedSite:
         return EncodedSite(self.num[idx], self.num_missing[idx], self.cat[idx], self.image[idx],
-                           self.genomics[idx], self.mask[idx], self.labels[idx])
+                           self.genomics[idx], self.mask[idx], self.labels[idx],
+                           self.outcome[idx])
 
     @staticmethod
     def concat(parts: list[EncodedSite]) -> EncodedSite:
         return EncodedSite(*(np.concatenate([getattr(p, f) for p in parts]) for f in (
-            "num", "num_missing", "cat", "image", "genomics", "mask", "labels")))
+            "num", "num_missing", "cat", "image", "genomics", "mask", "labels", "targets")))
 
 
 def encode(site: SiteData, schema: FeatureSchema) -> EncodedSite:
-    """Map one site onto the schema: absent columns count as missing, never as data."""
+    """Map one site onto the schema: absent columns count as missing, never as data.
+
+    The schema's task must be the site's own: a site's labels mean nothing under
+    another task or another order of classes, so encoding them is refused."""
+    from mmfed.errors import DataError
+
+    task = schema.task
+    if task.kind != site.spec.kind:
+        raise DataError(f"{site.name}: the federation's task is {task.kind}, this site's is "
+                        f"{site.spec.kind} (task.kind in site.toml)")
+    if task.kind == "classification" and list(site.spec.classes) != list(schema.classes):
+        raise DataError(f"{site.name}: the federation's classes {schema.classes} are not "
+                        f"this site's {list(site.spec.classes)} (task.classes in site.toml)")
     n = len(site)
     col = {c: j for j, c in enumerate(site.numeric_cols)}
     num = np.zeros((n, len(schema.numeric)), dtype=np.float32)
@@ -363,7 +477,10 @@ def encode(site: SiteData, schema: FeatureSchema) -> EncodedSite:
                 genomics[ok, j] = np.clip(
                     (raw[ok] - schema.gene_mean[j]) / schema.gene_std[j], -10, 10)
     mask = np.stack([np.ones(n, dtype=bool), img_mask, gen_mask], axis=1).astype(np.float32)
-    return EncodedSite(num, miss, cat, image, genomics, mask, site.labels.astype(np.int64))
+    targets = (site.targets.astype(np.float64) if site.targets is not None
+               else np.zeros(n, dtype=np.float64))
+    return EncodedSite(num, miss, cat, image, genomics, mask, site.labels.astype(np.int64),
+                       targets)
 
 
 def split_indices(ids: list[str], labels: np.ndarray, val_fraction: float,

@@ -30,7 +30,12 @@ def expected_calibration_error(prob_pos: np.ndarray, y: np.ndarray, bins: int = 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray,
                            loss: float | None = None) -> dict[str, float | None]:
-    """All figures for one evaluation; a figure that is undefined (one class only) is None."""
+    """All figures for one evaluation; a figure that is undefined (one class only) is None.
+
+    Binary: n, auroc, accuracy, precision, recall, f1, ece, loss. Multi-class adds
+    macro_f1 and recall_<k> per class index k; auroc is then the one-vs-rest macro
+    average over the classes present in ``labels``.
+    """
     from sklearn.metrics import (
         accuracy_score,
         f1_score,
@@ -50,12 +55,26 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
     elif binary:
         out["auroc"] = _safe(roc_auc_score(labels, probs[:, 1]))
     else:
-        out["auroc"] = _safe(roc_auc_score(labels, probs, multi_class="ovr",
-                                           labels=list(range(n_classes))))
+        # One-vs-rest macro AUROC over the classes this site actually has: a small site
+        # often lacks a rare class, and sklearn's multi-class call then refuses outright.
+        # With two or more classes present each present class has positives and
+        # negatives, so its binary AUROC exists; absent classes are simply left out.
+        per_class = [roc_auc_score(labels == k, probs[:, k]) for k in present
+                     if 0 <= k < n_classes]
+        out["auroc"] = _safe(float(np.mean(per_class))) if len(per_class) >= 2 else None
     out["accuracy"] = _safe(accuracy_score(labels, pred))
     out["precision"] = _safe(precision_score(labels, pred, average=avg, zero_division=0))
     out["recall"] = _safe(recall_score(labels, pred, average=avg, zero_division=0))
     out["f1"] = _safe(f1_score(labels, pred, average=avg, zero_division=0))
+    if not binary:
+        # Macro F1 and per-class recall: with imbalanced classes accuracy hides a class
+        # the model never predicts; per-class recall names it. A class absent from the
+        # labels has no recall (None), not 0, so it does not drag a cross-site mean down.
+        out["macro_f1"] = _safe(f1_score(labels, pred, average="macro", zero_division=0))
+        recalls = recall_score(labels, pred, labels=list(range(n_classes)), average=None,
+                               zero_division=0)
+        for k in range(n_classes):
+            out[f"recall_{k}"] = _safe(recalls[k]) if k in present else None
     if binary:
         out["ece"] = expected_calibration_error(probs[:, 1], labels.astype(np.float64))
     else:

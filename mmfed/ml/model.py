@@ -215,7 +215,8 @@ class GatedAttentionFusion(nn.Module):
 
 
 class MultimodalNet(nn.Module):
-    """Image + record + genomic encoders, fused, one classification head."""
+    """Image + record + genomic encoders, fused, one task head (classes, a value, or
+    one hazard per survival interval: ``Task.outputs``)."""
 
     def __init__(self, schema: FeatureSchema, spec: ModelSpec | None = None) -> None:
         super().__init__()
@@ -223,6 +224,7 @@ class MultimodalNet(nn.Module):
         if spec.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {spec.fusion!r} (choose {', '.join(FUSIONS)})")
         d = spec.embed_dim
+        self.task = schema.task  # what the head's outputs mean (predict reads it)
         self.records = RecordEncoder(len(schema.numeric), len(schema.categorical),
                                      schema.hash_buckets, d, spec.cat_embed_dim)
         self.images = ImageEncoder(d, spec.image_channels)
@@ -233,7 +235,15 @@ class MultimodalNet(nn.Module):
             GatedAttentionFusion(d, 3) if spec.fusion == "gated" else ConcatFusion(d, 3))
         self.head = nn.Sequential(nn.Linear(self.fusion.out_dim, spec.hidden), nn.Tanh(),
                                   nn.Dropout(spec.dropout),
-                                  nn.Linear(spec.hidden, len(schema.classes)))
+                                  nn.Linear(spec.hidden, schema.task.outputs))
+        if self.task.kind == "survival":
+            # Start from a plausible baseline hazard instead of 1/2 an interval: with
+            # cuts at event quantiles, about 1 in (intervals left + 1) at risk fails in
+            # each. Public (the schema's cut count only), so every site starts alike.
+            k = self.task.outputs
+            hazard = 1.0 / (k + 1 - torch.arange(k, dtype=torch.float32))
+            with torch.no_grad():
+                self.head[-1].bias.copy_(torch.log(hazard / (1 - hazard)))
 
     def forward(self, num: torch.Tensor, num_missing: torch.Tensor, cat: torch.Tensor,
                 image: torch.Tensor, genomics: torch.Tensor,

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from mmfed.config import MODALITY_NAMES
-from mmfed.ml.metrics import classification_metrics
+from mmfed.ml.task import Task, task_metrics
 
 COMPLETE = "complete"
 
@@ -28,18 +28,30 @@ def pattern_names(mask: np.ndarray, modalities: tuple[str, ...] = MODALITY_NAMES
     return names
 
 
+# The figures a pattern's row shows, per task kind.
+PATTERN_KEYS = {"classification": ("auroc", "accuracy", "f1", "loss"),
+                "regression": ("mae", "rmse", "r2"),
+                "survival": ("c_index", "ibs")}
+
+
 def metrics_by_pattern(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray,
-                       modalities: tuple[str, ...] = MODALITY_NAMES
+                       modalities: tuple[str, ...] = MODALITY_NAMES,
+                       task: Task | None = None, targets: np.ndarray | None = None
                        ) -> dict[str, dict[str, Any]]:
-    """Per pattern: n, AUROC (None when the group has one class), accuracy, F1, loss."""
+    """Per pattern: n and the task's main figures (None where a group cannot define
+    one, e.g. AUROC of a group with one class). ``probs`` are the task's outputs."""
+    task = task or Task(classes=tuple(str(c) for c in range(probs.shape[1])))
+    y = targets if targets is not None else np.zeros(len(labels))
     names = np.array(pattern_names(mask, modalities))
     out: dict[str, dict[str, Any]] = {}
     for name in sorted(set(names.tolist()), key=lambda n: (n != COMPLETE, n)):
         sel = names == name
         p = probs[sel]
-        nll = float(-np.log(np.clip(p[np.arange(int(sel.sum())), labels[sel]], 1e-12, 1.0))
-                    .mean())
-        figures = classification_metrics(p, labels[sel], nll)
+        loss = None
+        if task.kind == "classification":
+            loss = float(-np.log(np.clip(p[np.arange(int(sel.sum())), labels[sel]], 1e-12,
+                                         1.0)).mean())
+        figures = task_metrics(task, p, labels[sel], y[sel], loss)
         out[name] = {"n": int(sel.sum()),
-                     **{k: figures[k] for k in ("auroc", "accuracy", "f1", "loss")}}
+                     **{k: figures.get(k) for k in PATTERN_KEYS[task.kind]}}
     return out

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mmfed.config import MODALITY_NAMES, TrainSpec
 from mmfed.ml.features import EncodedSite
-from mmfed.ml.metrics import classification_metrics
+from mmfed.ml.task import Task, make_task_loss, outputs_of, target_tensor, task_metrics
 
 
 def restrict_modalities(enc: EncodedSite, modalities: tuple[str, ...]) -> EncodedSite:
@@ -24,29 +24,36 @@ def restrict_modalities(enc: EncodedSite, modalities: tuple[str, ...]) -> Encode
         return enc
     keep = np.array([m in modalities for m in MODALITY_NAMES], dtype=np.float32)
     return EncodedSite(enc.num, enc.num_missing, enc.cat, enc.image, enc.genomics,
-                       enc.mask * keep, enc.labels)
+                       enc.mask * keep, enc.labels, enc.targets)
 
 
-def tensor_dataset(enc: EncodedSite) -> TensorDataset:
+def tensor_dataset(enc: EncodedSite, task: Task | None = None) -> TensorDataset:
+    """The inputs, then what the task's loss reads (class indices by default)."""
+    y = target_tensor(task or Task(), enc.labels, enc.outcome)
     return TensorDataset(torch.from_numpy(enc.num), torch.from_numpy(enc.num_missing),
                          torch.from_numpy(enc.cat), torch.from_numpy(enc.image),
                          torch.from_numpy(enc.genomics), torch.from_numpy(enc.mask),
-                         torch.from_numpy(enc.labels))
+                         torch.from_numpy(y))
 
 
-def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor:
-    """Inverse-frequency weights normalised to mean 1; absent classes get weight 1."""
-    if mode == "none":
-        return torch.ones(n_classes)
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    present = counts > 0
-    w = np.ones(n_classes)
-    w[present] = counts[present].sum() / (present.sum() * counts[present])
-    return torch.tensor(w / w[present].mean(), dtype=torch.float32)
+def as_task(task: Task | int) -> Task:
+    """A task from a class count, for callers that only ever classify."""
+    if isinstance(task, Task):
+        return task
+    return Task(classes=tuple(str(c) for c in range(task)))
 
 
-def make_loss(labels: np.ndarray, n_classes: int, spec: TrainSpec) -> nn.CrossEntropyLoss:
-    return nn.CrossEntropyLoss(weight=class_weights(labels, n_classes, spec.class_weighting))
+def model_task(model: nn.Module) -> Task:
+    """The task a model was built for (``MultimodalNet.task``)."""
+    task = getattr(model, "task", None)
+    if not isinstance(task, Task):
+        raise TypeError("model has no task: build it with mmfed.ml.model.build_model")
+    return task
+
+
+def make_loss(labels: np.ndarray, task: Task | int, spec: TrainSpec) -> nn.Module:
+    loss: nn.Module = make_task_loss(as_task(task), labels, spec.class_weighting)
+    return loss
 
 
 def drop_modalities(mask: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
@@ -108,16 +115,17 @@ def site_spec(spec: TrainSpec, n_train: int) -> TrainSpec:
     return spec.model_copy(update={"batch_size": max(1, int(n_train))})
 
 
-def train_local(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes: int,
+def train_local(model: nn.Module, enc: EncodedSite, spec: TrainSpec, task: Task | int,
                 seed: int, device: torch.device | None = None) -> dict[str, float]:
     """Non-private local training (the DP path wraps the same loop)."""
     device = device or torch.device("cpu")
     model.to(device)
     enc = restrict_modalities(enc, spec.modalities)
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(tensor_dataset(enc), batch_size=spec.batch_size, shuffle=True,
+    task = as_task(task)
+    loader = DataLoader(tensor_dataset(enc, task), batch_size=spec.batch_size, shuffle=True,
                         generator=gen)
-    loss_fn = make_loss(enc.labels, n_classes, spec).to(device)
+    loss_fn = make_loss(enc.labels, task, spec).to(device)
     torch.manual_seed(seed)  # dropout masks
     loss, steps, _ = train_epochs(model, loader, make_optimizer(model, spec), loss_fn,
                                   spec.epochs, device, spec.modality_dropout, seed)
@@ -126,24 +134,31 @@ def train_local(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes: 
 
 @torch.no_grad()
 def predict(model: nn.Module, enc: EncodedSite, modalities: tuple[str, ...] = MODALITY_NAMES,
-            batch_size: int = 256, device: torch.device | None = None
-            ) -> tuple[np.ndarray, float]:
-    """Class probabilities and the mean (unweighted) cross-entropy."""
+            batch_size: int = 256, device: torch.device | None = None,
+            task: Task | None = None) -> tuple[np.ndarray, float]:
+    """The task's outputs (class probabilities, values, or survival curves at the
+    cuts: ``outputs_of``) and the mean unweighted loss of the task."""
     device = device or torch.device("cpu")
+    task = task or model_task(model)
     model.to(device)
     model.eval()
     enc = restrict_modalities(enc, modalities)
-    loader = DataLoader(tensor_dataset(enc), batch_size=batch_size, shuffle=False)
-    probs, total = [], 0.0
+    loader = DataLoader(tensor_dataset(enc, task), batch_size=batch_size, shuffle=False)
+    loss_fn = make_task_loss(task, enc.labels, "none").to(device)
+    loss_fn.reduction = "sum"
+    outs, total = [], 0.0
     for batch in loader:
         *inputs, y = (t.to(device) for t in batch)
         logits = model(*inputs)
-        total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-    return np.concatenate(probs), total / max(len(enc), 1)
+        total += float(loss_fn(logits, y))
+        outs.append(outputs_of(task, logits))
+    empty = np.zeros((0, task.outputs) if task.kind != "regression" else (0,))
+    return (np.concatenate(outs) if outs else empty), total / max(len(enc), 1)
 
 
 def evaluate(model: nn.Module, enc: EncodedSite, modalities: tuple[str, ...] = MODALITY_NAMES,
-             device: torch.device | None = None) -> dict[str, float | None]:
-    probs, loss = predict(model, enc, modalities, device=device)
-    return classification_metrics(probs, enc.labels, loss)
+             device: torch.device | None = None, task: Task | None = None
+             ) -> dict[str, float | None]:
+    task = task or model_task(model)
+    outputs, loss = predict(model, enc, modalities, device=device, task=task)
+    return task_metrics(task, outputs, enc.labels, enc.outcome, loss)

@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader
 
 from mmfed.config import TrainSpec
 from mmfed.ml.features import EncodedSite
+from mmfed.ml.task import Task
 from mmfed.ml.training import (
+    as_task,
     make_loss,
     make_optimizer,
     restrict_modalities,
@@ -168,7 +170,7 @@ def make_private(model: nn.Module, loader: DataLoader[tuple[torch.Tensor, ...]],
     return pmodel, popt, pcrit, ploader
 
 
-def train_private(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes: int,
+def train_private(model: nn.Module, enc: EncodedSite, spec: TrainSpec, task: Task | int,
                   sigma: float, max_grad_norm: float, seed: int,
                   device: torch.device | None = None, mode: str = "hooks",
                   source: NoiseSource | None = None) -> DPResult:
@@ -182,8 +184,8 @@ def train_private(model: nn.Module, enc: EncodedSite, spec: TrainSpec, n_classes
     source = source or NoiseSource.from_os(device)
     enc = restrict_modalities(enc, spec.modalities)
     loader: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(
-        tensor_dataset(enc), batch_size=spec.batch_size)
-    loss_fn = make_loss(enc.labels, n_classes, spec).to(device)
+        tensor_dataset(enc, as_task(task)), batch_size=spec.batch_size)
+    loss_fn = make_loss(enc.labels, task, spec).to(device)
     model.train()
     try:
         pmodel, popt, pcrit, ploader = make_private(model, loader, loss_fn, spec, sigma,

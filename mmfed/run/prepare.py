@@ -18,7 +18,7 @@ from typing import Any
 
 from mmfed.config import RunConfig
 from mmfed.data.reader import list_sites, read_site
-from mmfed.data.sitespec import parse_site_spec
+from mmfed.data.sitespec import SiteSpec, parse_site_spec
 from mmfed.data.synth import SynthSettings, parse_missing, synthesize
 from mmfed.errors import DataError, MmfedError, UsageError
 from mmfed.run.resume import ResumePoint, find_resume_point, truncate_metrics
@@ -41,13 +41,14 @@ def default_out(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def validate_site_folder(folder: Path) -> None:
+def validate_site_folder(folder: Path) -> SiteSpec:
     """One site folder (or the holdout) must check clean: its first problem, one line."""
     result = read_site(folder)
-    if not result.ok:
+    if result.site is None:
         extra = len(result.problems) - 1
         more = f" (and {extra} more; run `mmfed data check {folder}`)" if extra else ""
         raise DataError(f"{folder}: {result.problems[0]}{more}", result.problems)
+    return result.site.spec
 
 
 def validate_holdout(data_dir: Path) -> Path:
@@ -60,12 +61,27 @@ def validate_holdout(data_dir: Path) -> Path:
     return holdout
 
 
+def _task_of(spec: SiteSpec) -> str:
+    if spec.kind == "classification":
+        return f"classification of {list(spec.classes)}"
+    return spec.kind + (f" in {spec.unit}" if spec.unit else "")
+
+
 def validate_federation(root: Path) -> list[Path]:
-    """Every site folder and the holdout must check clean before anything trains."""
+    """Every site folder and the holdout must check clean, and declare one task,
+    before anything trains: a model cannot be averaged across tasks."""
     sites = list_sites(root)
-    for folder in sites:
-        validate_site_folder(folder)
-    validate_holdout(root)
+    folders = [*sites, root / "holdout"]
+    specs = [validate_site_folder(folder) for folder in sites]
+    if not (root / "holdout").is_dir():
+        validate_holdout(root)  # the one-line refusal for a missing holdout
+    specs.append(validate_site_folder(root / "holdout"))
+    first = _task_of(specs[0])
+    for folder, spec in zip(folders[1:], specs[1:], strict=True):
+        if _task_of(spec) != first:
+            raise DataError(f"sites disagree on the task: {folders[0].name} declares "
+                            f"{first}, {folder.name} {_task_of(spec)} ([task] in site.toml; "
+                            "every site of a federation has the same task)")
     return sites
 
 

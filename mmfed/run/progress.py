@@ -26,6 +26,7 @@ class Progress:
         self.started = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
         self._live: Live | None = None
+        self.kind = "classification"  # set from the first round's figures
 
     def __enter__(self) -> Progress:
         if self.live_enabled:
@@ -43,15 +44,21 @@ class Progress:
         eta = elapsed / done * (self.total - done) if done else None
         table = Table(title=f"{self.title} — round {done}/{self.total}, "
                       f"{elapsed:.0f}s elapsed" + (f", ETA {eta:.0f}s" if eta else ""))
-        for col in ("round", "sites", "AUROC", "accuracy", "loss", "max ε / budget",
-                    "seconds"):
+        from mmfed.ml.task import PROGRESS_KEYS
+
+        (_, first), (_, second) = PROGRESS_KEYS[self.kind]
+        for col in ("round", "sites", first, second, "loss", "max ε / budget", "seconds"):
             table.add_column(col, justify="right")
         for row in self.rows[-12:]:
             table.add_row(*row.values())
         return table
 
     def round_done(self, line: dict[str, Any]) -> None:
+        from mmfed.ml.task import PROGRESS_KEYS, kind_of_metrics
+
         g = line.get("global", {})
+        self.kind = kind_of_metrics(g)
+        (k1, name1), (k2, _) = PROGRESS_KEYS[self.kind]
         agg = line.get("aggregation", {})
         n_sites = len(line.get("sites", {}))
         sites = f"{agg.get('participants', 0)}/{n_sites}" if n_sites else "pooled"
@@ -65,7 +72,7 @@ class Progress:
         if "declined" in states or "dropped" in states:
             sites += f" ({states.count('declined')} declined, {states.count('dropped')} dropped)"
         row = {"round": str(line.get("round", len(self.rows) + 1)), "sites": sites,
-               "auroc": _fmt(g.get("auroc")), "accuracy": _fmt(g.get("accuracy")),
+               "first": _fmt(g.get(k1)), "second": _fmt(g.get(k2)),
                "loss": _fmt(g.get("loss")), "epsilon": eps,
                "seconds": _fmt(line.get("seconds", {}).get("round"), 1)}
         self.rows.append(row)
@@ -73,7 +80,7 @@ class Progress:
             self._live.update(self._table())
         else:
             self.console.print(f"{self.title}: round {row['round']}/{self.total}: sites "
-                               f"{sites}, AUROC {row['auroc']}, loss {row['loss']}, "
+                               f"{sites}, {name1} {row['first']}, loss {row['loss']}, "
                                f"ε {eps} ({row['seconds']}s)", highlight=False, soft_wrap=True)
 
     def note(self, text: str) -> None:

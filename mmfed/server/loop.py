@@ -38,10 +38,10 @@ from mmfed.config import RunConfig
 from mmfed.data.reader import SiteData, load_site
 from mmfed.errors import DataError, MmfedError
 from mmfed.ml.features import ColumnNames, EncodedSite, FeatureSchema, encode, merge_names
-from mmfed.ml.metrics import classification_metrics
 from mmfed.ml.model import build_model
 from mmfed.ml.patterns import metrics_by_pattern
-from mmfed.ml.training import predict
+from mmfed.ml.task import task_metrics
+from mmfed.ml.training import model_task, predict
 from mmfed.run.resume import ResumePoint
 from mmfed.run.rundir import RunDir
 from mmfed.run.tracking import RoundCallback
@@ -266,9 +266,11 @@ class Federation:
         """The global model's figures on the server's holdout, overall and by pattern."""
         modalities = tuple(self.cfg["train.modalities"])
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-        probs, loss = predict(model, holdout, modalities)
-        return (classification_metrics(probs, holdout.labels, loss),
-                metrics_by_pattern(probs, holdout.labels, holdout.mask, modalities))
+        task = model_task(model)
+        outputs, loss = predict(model, holdout, modalities, task=task)
+        return (task_metrics(task, outputs, holdout.labels, holdout.outcome, loss),
+                metrics_by_pattern(outputs, holdout.labels, holdout.mask, modalities, task,
+                                   holdout.outcome))
 
     def local_eval(self, ctx: RoundContext, round_num: int, schema: FeatureSchema,
                    state: ModelState, sites: dict[str, SiteEntry]) -> None:

@@ -158,7 +158,7 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
     source = noise_source(node_config, cfg, round_num, loaded.name, device) \
         if policy.enabled else None
     if not policy.enabled:
-        metrics = train_local(model, train, spec, len(schema.classes), seed=seed,
+        metrics = train_local(model, train, spec, schema.task, seed=seed,
                               device=device)
         metrics.update(private=0.0)
     else:
@@ -191,7 +191,7 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
             return TrainOutcome(None, {**figures, "declined": 1.0, "epsilon": plan.spent,
                                        "epsilon_projected": plan.projected,
                                        "seconds": time.perf_counter() - start})
-        result = train_private(model, train, spec, len(schema.classes), plan.sigma,
+        result = train_private(model, train, spec, schema.task, plan.sigma,
                                policy.max_grad_norm, seed, device=device,
                                mode=cfg["privacy.grad_sample_mode"], source=source)
         metrics = {**figures, "train_loss": result.train_loss, "steps": float(result.steps),
@@ -230,7 +230,7 @@ def _train_distributed(model: Any, train: EncodedSite, spec: TrainSpec, schema: 
         return TrainOutcome(None, {**figures, "declined": 1.0, "epsilon": plan.spent,
                                    "epsilon_projected": plan.projected,
                                    "seconds": time.perf_counter() - start})
-    result = train_private(model, train, spec, len(schema.classes), 0.0, policy.max_grad_norm,
+    result = train_private(model, train, spec, schema.task, 0.0, policy.max_grad_norm,
                            seed, device=device, mode=cfg["privacy.grad_sample_mode"],
                            source=source)
     dim = sum(p.numel() for p in model.parameters())
