@@ -233,9 +233,9 @@ class MultimodalNet(nn.Module):
         self.zero_fill = spec.missing == "zero_fill"
         self.fusion: ConcatFusion | GatedAttentionFusion = (
             GatedAttentionFusion(d, 3) if spec.fusion == "gated" else ConcatFusion(d, 3))
+        out = nn.Linear(spec.hidden, schema.task.outputs)
         self.head = nn.Sequential(nn.Linear(self.fusion.out_dim, spec.hidden), nn.Tanh(),
-                                  nn.Dropout(spec.dropout),
-                                  nn.Linear(spec.hidden, schema.task.outputs))
+                                  nn.Dropout(spec.dropout), out)
         if self.task.kind == "survival":
             # Start from a plausible baseline hazard instead of 1/2 an interval: with
             # cuts at event quantiles, about 1 in (intervals left + 1) at risk fails in
@@ -243,7 +243,7 @@ class MultimodalNet(nn.Module):
             k = self.task.outputs
             hazard = 1.0 / (k + 1 - torch.arange(k, dtype=torch.float32))
             with torch.no_grad():
-                self.head[-1].bias.copy_(torch.log(hazard / (1 - hazard)))
+                out.bias.copy_(torch.log(hazard / (1 - hazard)))
 
     def forward(self, num: torch.Tensor, num_missing: torch.Tensor, cat: torch.Tensor,
                 image: torch.Tensor, genomics: torch.Tensor,

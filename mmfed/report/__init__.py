@@ -9,6 +9,9 @@ Everything is validated and the holdout evaluated *before* anything is written, 
 new report is built in a temporary folder and swapped in, so a failed render leaves the
 previous report intact and a repeated render leaves no stale figures behind.
 
+The saved model's task (classification, regression or survival) is handed to every
+section that names figures, so each kind of run is reported in its own metrics.
+
 Heavy imports (matplotlib, torch) happen inside ``render_report`` so that importing
 this package (e.g. from the CLI's parser) stays cheap.
 """
@@ -61,7 +64,7 @@ def render_report(run: Path, baseline: Path | None = None) -> Path:
     try:
         parts = [
             sections.summary_section(data, holdout),
-            sections.performance_section(data, tmp),
+            sections.performance_section(data, tmp, holdout.task),
             sections.privacy_section(data, tmp),
             sections.participation_section(data, tmp),
             sections.communication_section(data, tmp),
@@ -69,7 +72,7 @@ def render_report(run: Path, baseline: Path | None = None) -> Path:
             sections.explanations_section(run, tmp),
         ]
         if base is not None:
-            parts.append(sections.baseline_section(data, base, tmp))
+            parts.append(sections.baseline_section(data, base, tmp, holdout.task))
         html = page(f"mmfed run report: {run.resolve().name}", sections.subtitle(data), parts)
         (tmp / INDEX).write_text(html, encoding="utf-8")
         _swap_in(tmp, final)

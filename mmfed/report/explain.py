@@ -7,8 +7,20 @@ which image regions move its output. ``explain_run`` answers those four question
 writes ``RUN/explain/explanations.json`` plus figures next to it.
 
 Everything here is model-agnostic perturbation (mask a modality, permute a column,
-occlude a patch) measured in holdout AUROC (the run's headline metric), log-loss, or
-positive-class probability, so the numbers need no attribution library to interpret.
+occlude a patch) measured in the task's own figures, so the numbers need no attribution
+library to interpret. Each task kind (``mmfed.ml.task``) is scored by its headline metric
+and its training loss, and perturbations move one per-patient quantity, the *target*:
+
+* classification: holdout AUROC (the run's headline metric) and log-loss; the target is
+  the positive-class probability (binary) or each patient's own class probability.
+* regression: holdout R² and the Huber loss the head is trained with; the target is the
+  predicted value in the label's unit.
+* survival: Harrell's C-index and the discrete-time hazard negative log-likelihood; the
+  target is the risk, minus the restricted mean survival time (RMST) up to the last
+  interval cut: the score the run's C-index ranks patients by (``outcomes.risk_score``),
+  differentiable in every hazard logit, and in days, so an occlusion map reads as
+  "survival time this region costs".
+
 To make 2,000-gene permutation importance take seconds rather than minutes, the
 embeddings of the modalities that a perturbation does not touch are computed once
 and only the perturbed encoder, the fusion and the head are re-run; for the genomic
@@ -33,6 +45,7 @@ from mmfed.errors import DataError, UsageError
 from mmfed.ml.features import EncodedSite, FeatureSchema
 from mmfed.ml.model import MODALITY_NAMES, MultimodalNet
 from mmfed.ml.process import limit_threads
+from mmfed.ml.task import Task, make_task_loss, target_tensor
 from mmfed.run.saved_model import holdout_folder, load_saved_model
 
 EXPLAIN_DIR = "explain"
@@ -40,18 +53,55 @@ EXPLAIN_DIR = "explain"
 # first ranked by |gradient x input| and only a shortlist (plus a random control sample,
 # which keeps the shortlist's scores interpretable) is permuted.
 GENE_SCREEN_ABOVE = 5000
-# How ranked lists are ordered: by AUROC drop, or by log-loss (cross-entropy) increase.
+# How ranked lists are ordered: by the drop of the task's headline metric ("auroc" is
+# the CLI's name for it: AUROC, R² or C-index), or by the increase of the task's loss.
 RANK_METRICS = ("auroc", "loss")
 SCREEN_TOP = 200
 SCREEN_RANDOM = 50
 OCCLUSION_PATCH = 8
 OCCLUSION_STRIDE = 4
 _GENE_CHUNK = 128  # genes per batched evaluation: bounds memory at ~chunk x n x hidden
+# Harrell's C over an explicit list of comparable pairs is exact and vectorises over a
+# batch of permutations; above this many pairs (a holdout of several thousand) the list
+# would cost too much memory and sksurv's loop scores one prediction set at a time.
+_MAX_PAIRS = 4_000_000
+_PAIR_CHUNK = 5_000_000  # pair x prediction-set elements per vectorised step
+_TIED_RISK = 1e-8  # sksurv's tied_tol: risks closer than this count as a tie
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """How one task kind names its figures, so JSON keys and figure labels agree."""
+
+    metric: str  # JSON key of the headline: auroc, r2, c_index
+    metric_name: str  # AUROC, R², C-index
+    loss_name: str  # what the loss increase measures
+    target: str  # the per-patient quantity saliency and occlusion move
+
+
+def _terms(task: Task, classes: list[str]) -> _Terms:
+    """Names of the task's headline metric, loss and explained target."""
+    metric, metric_name = task.headline
+    if task.kind == "regression":
+        unit = f" ({task.unit})" if task.unit else ""
+        return _Terms(metric, metric_name, "Huber loss", f"the predicted value{unit}")
+    if task.kind == "survival":
+        unit = f" {task.unit}" if task.unit else ""
+        return _Terms(metric, metric_name, "hazard NLL",
+                      f"the risk: minus the restricted mean survival time up to "
+                      f"{task.cuts[-1]:.4g}{unit}")
+    target = f"P({classes[1]})" if len(classes) == 2 else "P(each patient's own class)"
+    return _Terms(metric, metric_name, "log-loss", target)
 
 
 @dataclass
 class _Holdout:
-    """The holdout as tensors, plus the per-modality embeddings that stay fixed."""
+    """The holdout as tensors, plus the per-modality embeddings that stay fixed.
+
+    The trailing fields exist for the regression and survival scores: the task, the
+    outcome (regression target / survival time, float64), what the task's loss reads,
+    that loss per patient, and Harrell's comparable pairs (None: too many to list).
+    """
 
     num: torch.Tensor
     num_missing: torch.Tensor
@@ -63,6 +113,15 @@ class _Holdout:
     emb_records: torch.Tensor
     emb_images: torch.Tensor
     emb_genomics: torch.Tensor
+    task: Task | None = None  # None: classification (as before tasks existed)
+    targets: np.ndarray | None = None
+    y: torch.Tensor | None = None
+    loss_fn: nn.Module | None = None
+    pairs: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "classification" if self.task is None else self.task.kind
 
 
 # --------------------------------------------------------------------------- loading
@@ -72,27 +131,88 @@ class _Holdout:
 def _prepare(model: MultimodalNet, enc: EncodedSite) -> _Holdout:
     t = {f: torch.from_numpy(getattr(enc, f)) for f in
          ("num", "num_missing", "cat", "image", "genomics", "mask")}
-    return _Holdout(t["num"], t["num_missing"], t["cat"], t["image"], t["genomics"], t["mask"],
-                    enc.labels, model.records(t["num"], t["num_missing"], t["cat"]),
-                    model.images(t["image"]), model.genomics(t["genomics"]))
+    h = _Holdout(t["num"], t["num_missing"], t["cat"], t["image"], t["genomics"], t["mask"],
+                 enc.labels, model.records(t["num"], t["num_missing"], t["cat"]),
+                 model.images(t["image"]), model.genomics(t["genomics"]))
+    task = getattr(model, "task", None)
+    if isinstance(task, Task) and task.kind != "classification":
+        loss_fn = make_task_loss(task, enc.labels, "none")
+        loss_fn.reduction = "none"  # per patient: a batch of prediction sets is one call
+        h.task, h.targets, h.loss_fn = task, enc.outcome.astype(np.float64), loss_fn
+        h.y = torch.from_numpy(target_tensor(task, enc.labels, enc.outcome))
+        if task.kind == "survival":
+            h.pairs = comparable_pairs(h.targets, enc.labels)
+    return h
 
 
 # --------------------------------------------------------------------------- scoring
 
 
-def _head_probs(model: MultimodalNet, er: torch.Tensor, ei: torch.Tensor, eg: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-    """Class probabilities from embeddings with any leading batch shape (..., n, d) ->
-    (..., n, C), so that a perturbation re-runs only the encoder it touched.
+def _head_logits(model: MultimodalNet, er: torch.Tensor, ei: torch.Tensor, eg: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+    """Head outputs from embeddings with any leading batch shape, flattened to
+    (prod(...) * n, outputs), and that leading shape (..., n).
 
     The fusion and head are the model's own (``MultimodalNet.fused_logits``); only the
-    broadcasting of a batch of perturbed embedding sets is done here.
+    broadcasting of a batch of perturbed embedding sets is done here, so that a
+    perturbation re-runs only the encoder it touched.
     """
     shape = torch.broadcast_shapes(er.shape, ei.shape, eg.shape)
     emb = torch.stack([er.expand(shape), ei.expand(shape), eg.expand(shape)], dim=-2)
     m = mask.expand(*shape[:-1], mask.shape[-1])
-    logits = model.fused_logits(emb.reshape(-1, 3, shape[-1]), m.reshape(-1, m.shape[-1]))
-    return torch.softmax(logits, dim=-1).reshape(*shape[:-1], -1)
+    return model.fused_logits(emb.reshape(-1, 3, shape[-1]), m.reshape(-1, m.shape[-1])), \
+        shape[:-1]
+
+
+def _head_probs(model: MultimodalNet, er: torch.Tensor, ei: torch.Tensor, eg: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+    """Class probabilities from embeddings with any leading batch shape (..., n, d) ->
+    (..., n, C) (classification)."""
+    logits, lead = _head_logits(model, er, ei, eg, mask)
+    return torch.softmax(logits, dim=-1).reshape(*lead, -1)
+
+
+def _survival_risk(task: Task, logits: torch.Tensor) -> torch.Tensor:
+    """Minus the RMST up to the last cut, (..., n) from hazard logits (..., n, K).
+
+    The same number as ``outcomes.risk_score`` of ``outputs_of``'s curves (float64, like
+    them), written in torch so that gradients reach the hazards: S(cuts[k]) is the
+    product of surviving intervals 0..k, and the area under the step curve weights
+    1, S(cuts[0]), ..., S(cuts[K-2]) by the interval widths.
+    """
+    surv = torch.cumprod(1.0 - torch.sigmoid(logits.double()), dim=-1)
+    edges = torch.tensor((0.0, *task.cuts), dtype=torch.float64).clamp_min(0.0)
+    values = torch.cat([torch.ones_like(surv[..., :1]), surv[..., :-1]], dim=-1)
+    return -(values * torch.diff(edges)).sum(dim=-1)
+
+
+def _task_target(task: Task, logits: torch.Tensor) -> torch.Tensor:
+    """The explained quantity of a regression or survival head: (..., n, K) -> (..., n).
+
+    Regression: the predicted value in the label's unit; survival: the risk
+    (``_survival_risk``). Both are differentiable and increase with what a clinician
+    would call "worse" (a higher value, an earlier death).
+    """
+    if task.kind == "regression":
+        return logits[..., 0].double() * task.target_std + task.target_mean
+    return _survival_risk(task, logits)
+
+
+def _target_values(model: MultimodalNet, h: _Holdout, er: torch.Tensor, ei: torch.Tensor,
+                   eg: torch.Tensor, mask: torch.Tensor, target: torch.Tensor | int
+                   ) -> torch.Tensor:
+    """The target (see the module docstring) for embeddings of leading shape (..., n).
+
+    Classification picks class ``target`` (an int, or a class per patient); the other
+    kinds have one target per patient and ignore it.
+    """
+    if h.task is None or h.task.kind == "classification":
+        probs = _head_probs(model, er, ei, eg, mask)
+        if isinstance(target, int):
+            return probs[..., target]
+        return probs.gather(-1, target[..., None]).squeeze(-1)
+    logits, lead = _head_logits(model, er, ei, eg, mask)
+    return _task_target(h.task, logits.reshape(*lead, -1))
 
 
 def _binary_auroc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -119,20 +239,111 @@ def auroc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.mean([_binary_auroc(probs[..., c], labels == c) for c in present], axis=0)
 
 
+def comparable_pairs(time: np.ndarray, event: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Harrell's comparable pairs (i, j): i had the event and j was still at risk later.
+
+    Exactly sksurv's ``concordance_index_censored`` rule: j's time is later than i's, or
+    equal with j censored. The pairs depend on the outcome only, never on a
+    prediction, so they are listed once and every permutation reuses them. None when
+    there would be more than ``_MAX_PAIRS`` (then ``harrell_c`` asks sksurv per set).
+    """
+    t = np.asarray(time, dtype=np.float64).reshape(-1)
+    e = np.asarray(event).reshape(-1).astype(bool)
+    events = np.flatnonzero(e)
+    later = len(t) - np.searchsorted(np.sort(t), t[events], side="right")  # t_j > t_i
+    if int(later.sum()) > _MAX_PAIRS:
+        return None
+    i_parts, j_parts = [], []
+    step = max(1, _MAX_PAIRS // max(len(t), 1))  # bounds the boolean block's size
+    for start in range(0, len(events), step):
+        rows = events[start:start + step]
+        ti = t[rows][:, None]
+        ok = (t[None, :] > ti) | ((t[None, :] == ti) & ~e[None, :])
+        r, j = np.nonzero(ok)
+        i_parts.append(rows[r])
+        j_parts.append(j)
+    if not i_parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(i_parts), np.concatenate(j_parts)
+
+
+def harrell_c(risk: np.ndarray, time: np.ndarray, event: np.ndarray,
+              pairs: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Harrell's C-index over the last axis of ``risk`` (..., n); batched.
+
+    Equal to sksurv's ``concordance_index_censored`` (what the run's C-index is): a
+    comparable pair counts 1 when the earlier event has the higher risk, 1/2 when the
+    risks tie within 1e-8. Vectorised over comparable pairs because permutation
+    importance scores thousands of prediction sets; NaN where no pair is comparable.
+    """
+    r = np.asarray(risk, dtype=np.float64)
+    flat = r.reshape(-1, r.shape[-1])
+    out = np.full(len(flat), np.nan)
+    if pairs is None:
+        pairs = comparable_pairs(time, event)
+    if pairs is None:  # too many pairs to list: sksurv's exact loop, one set at a time
+        from sksurv.metrics import concordance_index_censored
+
+        e = np.asarray(event).astype(bool)
+        t = np.asarray(time, dtype=np.float64)
+        for k, row in enumerate(flat):
+            out[k] = concordance_index_censored(e, t, row)[0]
+        return out.reshape(r.shape[:-1])
+    i, j = pairs
+    if len(i) == 0:
+        return out.reshape(r.shape[:-1])
+    step = max(1, _PAIR_CHUNK // len(i))
+    for s in range(0, len(flat), step):
+        d = flat[s:s + step, i] - flat[s:s + step, j]
+        tied = np.abs(d) <= _TIED_RISK
+        out[s:s + step] = ((d > _TIED_RISK).sum(-1) + 0.5 * tied.sum(-1)) / len(i)
+    return out.reshape(r.shape[:-1])
+
+
+def _task_score(h: _Holdout, logits: torch.Tensor, lead: torch.Size) -> np.ndarray:
+    """(..., 2) for a regression or survival head: the headline metric and minus the
+    mean training loss of each prediction set (``_score``'s two columns)."""
+    assert h.task is not None and h.targets is not None and h.y is not None \
+        and h.loss_fn is not None
+    n = lead[-1]
+    sets = int(np.prod(lead[:-1], dtype=np.int64)) if len(lead) > 1 else 1
+    y = h.y.repeat(sets, 1)
+    per = h.loss_fn(logits, y).reshape(*lead, -1).sum(-1)  # regression: (N, 1); else (N,)
+    mean_loss = per.double().mean(-1).numpy()
+    target = _task_target(h.task, logits.reshape(*lead, -1)).numpy()
+    if h.task.kind == "regression":
+        t = h.targets
+        sst = float(((t - t.mean()) ** 2).sum())
+        headline = 1.0 - ((target - t) ** 2).sum(-1) / sst if sst > 0 else \
+            np.full(target.shape[:-1], np.nan)
+    else:
+        headline = harrell_c(target, h.targets, h.labels, h.pairs)
+    assert target.shape[-1] == n
+    return np.stack([np.asarray(headline, dtype=np.float64), -mean_loss], axis=-1)
+
+
 def _score(model: MultimodalNet, h: _Holdout, er: torch.Tensor | None = None,
            ei: torch.Tensor | None = None, eg: torch.Tensor | None = None,
            mask: torch.Tensor | None = None) -> np.ndarray:
-    """(..., 2): AUROC and minus the mean cross-entropy, for any batch of perturbed inputs.
+    """(..., 2): the headline metric and minus the mean loss, for any batch of inputs.
 
-    Both are "higher is better", so ``base - score`` is the AUROC drop and the
-    cross-entropy (log-loss) increase. The second exists because AUROC only moves when a
-    perturbation swaps the order of two patients: one gene among 2,000 rarely does, so
-    its AUROC drop is mostly permutation noise, while the log-loss feels every change of
-    every probability and resolves single-gene effects with a few repeats.
+    Classification: AUROC and minus the mean cross-entropy; regression: R² and minus
+    the Huber loss; survival: Harrell's C-index and minus the hazard NLL. All are
+    "higher is better", so ``base - score`` is the headline drop and the loss increase.
+    The second exists because a rank metric only moves when a perturbation swaps the
+    order of two patients: one gene among 2,000 rarely does, so its drop is mostly
+    permutation noise, while the loss feels every change of every prediction and
+    resolves single-gene effects with a few repeats.
     """
-    probs = _head_probs(model, h.emb_records if er is None else er,
-                        h.emb_images if ei is None else ei,
-                        h.emb_genomics if eg is None else eg, h.mask if mask is None else mask)
+    er = h.emb_records if er is None else er
+    ei = h.emb_images if ei is None else ei
+    eg = h.emb_genomics if eg is None else eg
+    mask = h.mask if mask is None else mask
+    if h.kind != "classification":
+        logits, lead = _head_logits(model, er, ei, eg, mask)
+        return _task_score(h, logits, lead)
+    probs = _head_probs(model, er, ei, eg, mask)
     labels = torch.from_numpy(h.labels).expand(*probs.shape[:-1])
     loglik = torch.log(probs.clamp_min(1e-12)).gather(-1, labels[..., None]).squeeze(-1)
     return np.stack([auroc(probs.numpy(), h.labels), loglik.mean(-1).numpy()], axis=-1)
@@ -144,9 +355,10 @@ def _score(model: MultimodalNet, h: _Holdout, er: torch.Tensor | None = None,
 @torch.no_grad()
 def _modality_contributions(model: MultimodalNet, h: _Holdout, used: tuple[str, ...],
                             base: np.ndarray) -> dict[str, dict[str, float | None]]:
-    """AUROC without each modality (its mask column zeroed) and with it alone."""
-    out: dict[str, dict[str, float | None]] = {"drop": {}, "auroc_without": {},
-                                                "auroc_alone": {}, "loss_increase": {}}
+    """The headline metric without each modality (its mask column zeroed) and with it
+    alone; "drop" and "loss_increase" are relative to the full model."""
+    out: dict[str, dict[str, float | None]] = {"drop": {}, "without": {}, "alone": {},
+                                                "loss_increase": {}}
     for k, name in enumerate(MODALITY_NAMES):
         if name not in used:
             for key in out:
@@ -156,11 +368,11 @@ def _modality_contributions(model: MultimodalNet, h: _Holdout, used: tuple[str, 
         without[:, k] = 0.0
         alone = torch.zeros_like(h.mask)
         alone[:, k] = h.mask[:, k]
-        auc_without, loglik_without = (float(v) for v in _score(model, h, mask=without))
-        out["drop"][name] = float(base[0]) - auc_without
+        metric_without, loglik_without = (float(v) for v in _score(model, h, mask=without))
+        out["drop"][name] = float(base[0]) - metric_without
         out["loss_increase"][name] = float(base[1]) - loglik_without
-        out["auroc_without"][name] = auc_without
-        out["auroc_alone"][name] = float(_score(model, h, mask=alone)[0])
+        out["without"][name] = metric_without
+        out["alone"][name] = float(_score(model, h, mask=alone)[0])
     return out
 
 
@@ -205,8 +417,9 @@ def _ranked(names: list[str], drops: np.ndarray, rank_by: str,
             kinds: list[str] | None = None) -> list[dict[str, Any]]:
     """Features sorted by the mean of ``rank_by`` over repeats (ties broken by name).
 
-    ``drops`` is (repeats, features, 2): AUROC drop and log-loss increase. "importance"
-    is always the AUROC drop (the run's headline metric); ``rank_by`` picks the order.
+    ``drops`` is (repeats, features, 2): headline-metric drop (AUROC, R² or C-index)
+    and loss increase. "importance" is always the headline drop; ``rank_by`` picks the
+    order ("auroc" means the headline, whatever the task).
     """
     mean, sd = drops.mean(axis=0), drops.std(axis=0)
     key = mean[:, RANK_METRICS.index(rank_by)]
@@ -249,7 +462,7 @@ def _split_first_linear(encoder: nn.Module) -> tuple[nn.Linear, nn.Module] | Non
 def _gene_permutation(model: MultimodalNet, h: _Holdout, genes: np.ndarray,
                       rng: np.random.Generator, repeats: int, base: np.ndarray,
                       rank_one: bool = True) -> np.ndarray:
-    """(repeats, len(genes), 2) AUROC drops and log-loss increases, one gene permuted.
+    """(repeats, len(genes), 2) headline drops and loss increases, one gene permuted.
 
     Values are permuted among the patients who have genomics: the rest are masked out of
     the fusion, and swapping their placeholder zeros in would invent measurements.
@@ -285,10 +498,11 @@ def _gene_permutation(model: MultimodalNet, h: _Holdout, genes: np.ndarray,
 
 
 def _gene_saliency(model: MultimodalNet, h: _Holdout, target: torch.Tensor) -> np.ndarray:
-    """Mean |gradient x input| of the target-class probability per gene (screening only)."""
+    """Mean |gradient x input| of the target per gene (screening only): the
+    target-class probability, the predicted value, or the survival risk."""
     x = h.genomics.clone().requires_grad_(True)
-    probs = _head_probs(model, h.emb_records, h.emb_images, model.genomics(x), h.mask)
-    picked = probs.gather(1, target[:, None]).squeeze(1) * h.mask[:, 2]
+    picked = _target_values(model, h, h.emb_records, h.emb_images, model.genomics(x),
+                            h.mask, target) * h.mask[:, 2]
     (grad,) = torch.autograd.grad(picked.sum(), x)
     present = h.mask[:, 2] > 0.5
     return (grad * x).detach()[present].abs().mean(dim=0).numpy()
@@ -296,7 +510,8 @@ def _gene_saliency(model: MultimodalNet, h: _Holdout, target: torch.Tensor) -> n
 
 def _gene_importance(model: MultimodalNet, h: _Holdout, schema: FeatureSchema,
                      rng: np.random.Generator, repeats: int, base: np.ndarray,
-                     screen_above: int, target: torch.Tensor, rank_by: str
+                     screen_above: int, target: torch.Tensor, rank_by: str,
+                     explained: str = "target-class probability"
                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     g = len(schema.genes)
     if g == 0:
@@ -313,7 +528,7 @@ def _gene_importance(model: MultimodalNet, h: _Holdout, schema: FeatureSchema,
         chosen = np.sort(np.concatenate([top, control]))
         method = {"genes_permuted": len(chosen), "screened": True,
                   "screen": f"all {g} genes ranked by mean |gradient x input| of the "
-                            f"target-class probability; the top {len(top)} plus a random "
+                            f"{explained}; the top {len(top)} plus a random "
                             f"control sample of {len(control)} others were permuted; "
                             "unlisted genes were not scored",
                   "control_genes": sorted(schema.genes[i] for i in control)}
@@ -327,7 +542,8 @@ def _gene_importance(model: MultimodalNet, h: _Holdout, schema: FeatureSchema,
 @torch.no_grad()
 def _occlusion(model: MultimodalNet, h: _Holdout, i: int, target: int) -> tuple[np.ndarray,
                                                                                  float]:
-    """Per-pixel mean drop in P(target) when an 8x8 patch covering it is set to gray.
+    """Per-pixel mean drop in the target (P(target class), the predicted value or the
+    survival risk) when an 8x8 patch covering it is set to gray.
 
     Images are standardized per image, so 0 is that image's mean intensity: "gray"
     removes local structure without adding a contrast the model would read as a lesion.
@@ -341,10 +557,11 @@ def _occlusion(model: MultimodalNet, h: _Holdout, i: int, target: int) -> tuple[
     for k, (y, x) in enumerate((y, x) for y in ys for x in xs):
         batch[k, :, y:y + p, x:x + p] = 0.0
     ei = model.images(batch)
-    probs = _head_probs(model, h.emb_records[i], ei, h.emb_genomics[i], h.mask[i])
-    full = float(_head_probs(model, h.emb_records[i:i + 1], h.emb_images[i:i + 1],
-                             h.emb_genomics[i:i + 1], h.mask[i:i + 1])[0, target])
-    drop = full - probs[:, target].numpy()
+    occluded = _target_values(model, h, h.emb_records[i], ei, h.emb_genomics[i], h.mask[i],
+                              target)
+    full = float(_target_values(model, h, h.emb_records[i:i + 1], h.emb_images[i:i + 1],
+                                h.emb_genomics[i:i + 1], h.mask[i:i + 1], target)[0])
+    drop = full - occluded.numpy()
     heat = np.zeros((hh, ww))
     count = np.zeros((hh, ww))
     for k, (y, x) in enumerate((y, x) for y in ys for x in xs):
@@ -353,22 +570,41 @@ def _occlusion(model: MultimodalNet, h: _Holdout, i: int, target: int) -> tuple[
     return heat / np.maximum(count, 1), full
 
 
-def _pick_image_patients(h: _Holdout, image_probs: np.ndarray, target: np.ndarray, k: int
-                         ) -> list[int]:
-    """Patients whose image alone is the strongest evidence: positives, then negatives.
+def _outcome_groups(h: _Holdout, with_image: np.ndarray) -> tuple[list[int], list[int]]:
+    """Patients whose observed outcome is "high" and "low", among those with an image.
 
-    Ranked by the model's target-class probability with the image as the only evidence,
-    because the full model's most confident patients are mostly decided by records and
-    genomics and their images need not show anything. The top true positives show what
-    the model reads as disease; the clearest true negatives show it is not reacting to
-    ordinary anatomy. Deterministic, so reruns compare.
+    Classification: class 1 vs the rest. Regression: at or above the median target vs
+    below it. Survival: an event by the median follow-up time vs followed past it (event
+    or not); censored before the median says neither, so those patients are left out.
+    """
+    if h.kind == "classification" or h.targets is None:
+        return ([int(i) for i in with_image if h.labels[i] == 1],
+                [int(i) for i in with_image if h.labels[i] != 1])
+    t = h.targets
+    if len(with_image) == 0:
+        return [], []
+    median = float(np.median(t[with_image]))
+    if h.kind == "regression":
+        return ([int(i) for i in with_image if t[i] >= median],
+                [int(i) for i in with_image if t[i] < median])
+    return ([int(i) for i in with_image if h.labels[i] == 1 and t[i] <= median],
+            [int(i) for i in with_image if t[i] > median])
+
+
+def _pick_image_patients(h: _Holdout, image_scores: np.ndarray, k: int) -> list[int]:
+    """Patients whose image alone is the strongest evidence: high, then low outcomes.
+
+    Ranked by the target (P(target class), the value or the risk) with the image as the
+    only evidence, because the full model's most confident patients are mostly decided
+    by records and genomics and their images need not show anything. The top true
+    positives (highest observed outcomes) show what the model reads as disease; the
+    clearest true negatives show it is not reacting to ordinary anatomy. Deterministic,
+    so reruns compare.
     """
     with_image = np.flatnonzero(h.mask[:, 1].numpy() > 0.5)
-    p_target = image_probs[np.arange(len(image_probs)), target]
-    pos = [int(i) for i in with_image if h.labels[i] == 1]
-    neg = [int(i) for i in with_image if h.labels[i] != 1]
-    pos.sort(key=lambda i: (-p_target[i], i))
-    neg.sort(key=lambda i: (p_target[i], i))
+    pos, neg = _outcome_groups(h, with_image)
+    pos.sort(key=lambda i: (-image_scores[i], i))
+    neg.sort(key=lambda i: (image_scores[i], i))
     want_pos = min(len(pos), (k + 1) // 2)
     chosen = pos[:want_pos] + neg[:k - want_pos]
     if len(chosen) < k:  # too few negatives: fill with further positives
@@ -383,8 +619,8 @@ def _save(fig: Any, path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight", format="png")
 
 
-def _image_figure(path: Path, img: np.ndarray, heat: np.ndarray, pid: str, label: str,
-                  prob: float, class_name: str) -> None:
+def _image_figure(path: Path, img: np.ndarray, heat: np.ndarray, pid: str, bar_label: str,
+                  title: str) -> None:
     # Figure without pyplot: no global backend switch, no state shared with callers.
     from matplotlib.figure import Figure
 
@@ -400,12 +636,13 @@ def _image_figure(path: Path, img: np.ndarray, heat: np.ndarray, pid: str, label
         ax.set_xlabel("x (pixels)")
         ax.set_ylabel("y (pixels)")
     bar = fig.colorbar(shown, ax=ax_heat, fraction=0.046, pad=0.04)
-    bar.set_label(f"drop in P({class_name}) when occluded")
-    fig.suptitle(f"patient {pid}: label {label}, predicted P({class_name}) = {prob:.2f}")
+    bar.set_label(bar_label)
+    fig.suptitle(title)
     _save(fig, path)
 
 
-def _modality_figure(path: Path, contrib: dict[str, float | None], base: float) -> None:
+def _modality_figure(path: Path, contrib: dict[str, float | None], base: float,
+                     metric_name: str = "AUROC", subtitle: str | None = None) -> None:
     from matplotlib.figure import Figure
 
     names = [m for m in MODALITY_NAMES if contrib.get(m) is not None]
@@ -414,27 +651,32 @@ def _modality_figure(path: Path, contrib: dict[str, float | None], base: float) 
     ax = fig.subplots()
     ax.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868"][:len(names)])
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_ylabel("holdout AUROC drop when masked")
+    ax.set_ylabel(f"holdout {metric_name} drop when masked")
     ax.set_xlabel("modality")
-    ax.set_title(f"Modality contribution (full-model AUROC {base:.3f})")
+    title = f"Modality contribution (full-model {metric_name} {base:.3f})"
+    ax.set_title(title if subtitle is None else f"{title}\n{subtitle}")
     for x, v in enumerate(values):
         ax.annotate(f"{v:.3f}", (x, v), ha="center", va="bottom" if v >= 0 else "top")
     _save(fig, path)
 
 
 def _features_figure(path: Path, genes: list[dict[str, Any]], records: list[dict[str, Any]],
-                     top: int, rank_by: str) -> None:
+                     top: int, rank_by: str, terms: _Terms | None = None,
+                     subtitle: str | None = None) -> None:
     from matplotlib.figure import Figure
 
+    metric_name, loss_name = (("AUROC", "log-loss") if terms is None
+                              else (terms.metric_name, terms.loss_name))
     panels = [(p, title) for p, title in ((genes[:top], "Top genes"),
                                           (records[:top], "Top clinical features")) if p]
     fig = Figure(figsize=(6.0 * max(len(panels), 1), 0.32 * top + 1.6))
     axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
     for ax, (items, title) in zip(axes, panels, strict=False):
         names = [it["name"] for it in items][::-1]
-        mean_key, sd_key, what = (("importance", "std", "AUROC drop") if rank_by == "auroc"
+        mean_key, sd_key, what = (("importance", "std", f"{metric_name} drop")
+                                  if rank_by == "auroc"
                                   else ("loss_increase", "loss_increase_std",
-                                        "log-loss increase"))
+                                        f"{loss_name} increase"))
         means = [it[mean_key] for it in items][::-1]
         sds = [it[sd_key] for it in items][::-1]
         ax.barh(names, means, xerr=sds, color="#4c72b0", ecolor="gray")
@@ -443,10 +685,103 @@ def _features_figure(path: Path, genes: list[dict[str, Any]], records: list[dict
         ax.set_title(title)
     if not panels:
         axes[0].set_title("no features to show")
+    if subtitle is not None:
+        fig.suptitle(subtitle)
     _save(fig, path)
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+def _check_defined(task: Task, enc: EncodedSite, folder: Path) -> None:
+    """Refuse a holdout on which the task's headline metric cannot exist, by name."""
+    if task.kind == "classification":
+        if len(np.unique(enc.labels)) < 2:
+            raise DataError(f"{folder}: the holdout has one class only; AUROC is undefined")
+    elif task.kind == "regression":
+        t = enc.outcome
+        if len(t) < 2 or not np.all(np.isfinite(t)) or float(np.var(t)) == 0.0:
+            raise DataError(f"{folder}: the holdout's target is constant (or not finite); "
+                            "R² is undefined")
+    elif not enc.labels.any() or len(enc) < 2:
+        raise DataError(f"{folder}: the holdout has no events; the C-index is undefined")
+
+
+def _holdout_summary(task: Task, schema: FeatureSchema, enc: EncodedSite, folder: Path
+                     ) -> dict[str, Any]:
+    """Who the holdout is: the class counts, or the target's spread, or events and times."""
+    out: dict[str, Any] = {"folder": str(folder), "patients": len(enc)}
+    if task.kind == "classification":
+        out["classes"] = schema.classes
+        out["class_counts"] = np.bincount(enc.labels, minlength=len(schema.classes)).tolist()
+    elif task.kind == "regression":
+        t = enc.outcome
+        out["target"] = {"unit": task.unit, "mean": float(t.mean()), "sd": float(t.std()),
+                         "min": float(t.min()), "max": float(t.max())}
+    else:
+        t, e = enc.outcome, enc.labels.astype(bool)
+        out.update(unit=task.unit, events=int(e.sum()), censored=int((~e).sum()),
+                   median_time=float(np.median(t)))
+    out["with_images"] = int(enc.mask[:, 1].sum())
+    out["with_genomics"] = int(enc.mask[:, 2].sum())
+    return out
+
+
+def _method_text(task: Task, terms: _Terms, repeats: int) -> dict[str, str]:
+    """The method's wording per task kind (classification's is the original text)."""
+    if task.kind == "classification":
+        return {
+            "metric": "holdout AUROC (binary: class 1; otherwise macro one-vs-rest)",
+            "modality_contribution": "AUROC(full) - AUROC with that modality's mask "
+                                     "column set to 0 for every patient (absent = no "
+                                     "evidence, as in training)",
+            "permutation": f"AUROC drop ('importance') and log-loss increase when one "
+                           f"column is permuted across patients, mean (and sd) over "
+                           f"{repeats} seeded permutations; numeric records are "
+                           "permuted with their missing-indicator; genes among "
+                           "patients with genomics only",
+            "images": f"occlusion: {OCCLUSION_PATCH}x{OCCLUSION_PATCH} patch set to the "
+                      f"image mean (gray), stride {OCCLUSION_STRIDE}; map = mean drop "
+                      "in the target-class probability over patches covering a pixel",
+            "image_patients": "patients with an image, ranked by the target-class "
+                              "probability with the image as the only evidence: the "
+                              "highest true positives, then the lowest true negatives; "
+                              "the maps themselves use the full model"}
+    m = terms.metric_name
+    if task.kind == "regression":
+        metric = ("holdout R² of the predicted value (1 - residual / total sum of squares, "
+                  "in the label's unit)")
+        groups = ("the highest among patients observed at or above the holdout median, "
+                  "then the lowest among those below it")
+    else:
+        metric = ("holdout Harrell's C-index of the risk (minus the RMST up to the last "
+                  "hazard cut), as sksurv's concordance_index_censored: ties count 1/2")
+        groups = ("the highest among patients with an event by the median follow-up "
+                  "time, then the lowest among those followed past it")
+    return {
+        "metric": metric,
+        "modality_contribution": f"{m}(full) - {m} with that modality's mask column set "
+                                 "to 0 for every patient (absent = no evidence, as in "
+                                 "training)",
+        "permutation": f"{m} drop ('importance') and {terms.loss_name} increase when one "
+                       f"column is permuted across patients, mean (and sd) over {repeats} "
+                       "seeded permutations; numeric records are permuted with their "
+                       "missing-indicator; genes among patients with genomics only",
+        "images": f"occlusion: {OCCLUSION_PATCH}x{OCCLUSION_PATCH} patch set to the image "
+                  f"mean (gray), stride {OCCLUSION_STRIDE}; map = mean drop in "
+                  f"{terms.target} over patches covering a pixel",
+        "image_patients": f"patients with an image, ranked by {terms.target} with the "
+                          f"image as the only evidence: {groups}; the maps themselves use "
+                          "the full model"}
+
+
+def _loss_text(task: Task) -> str:
+    if task.kind == "regression":
+        return ("Huber loss (delta 1) on the target standardised by the federation's mean "
+                "and sd, as in training")
+    if task.kind == "survival":
+        return "negative log-likelihood of the discrete-time (logistic) hazard model"
+    return "log-loss: mean -log P(true class)"
 
 
 def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, images: int = 4,
@@ -454,12 +789,14 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
                 gene_screen_above: int = GENE_SCREEN_ABOVE) -> dict[str, Any]:
     """Explain a finished run's final model on the holdout; writes ``RUN/explain/``.
 
-    ``rank_by`` orders the feature lists: "auroc" (mean AUROC drop, the run's headline
-    metric) or "loss" (mean log-loss increase, far less noisy for single genes); every
-    item carries both. ``data`` overrides the federation folder recorded in the run (for
-    a moved run); ``gene_screen_above`` is the gene count above which genes are screened
-    by gradient x input before permutation. Returns exactly what explanations.json
-    holds. Deterministic given ``seed``: the permutations are the only randomness.
+    ``rank_by`` orders the feature lists: "auroc" (mean drop of the task's headline
+    metric: AUROC, R² or C-index; the CLI keeps one name for all kinds) or "loss" (mean
+    increase of the task's loss, far less noisy for single genes); every item carries
+    both, and ``method.rank_metric`` names the one used. ``data`` overrides the
+    federation folder recorded in the run (for a moved run); ``gene_screen_above`` is
+    the gene count above which genes are screened by gradient x input before
+    permutation. Returns exactly what explanations.json holds. Deterministic given
+    ``seed``: the permutations are the only randomness.
     """
     from mmfed.data.reader import load_site
     from mmfed.files import atomic_write_bytes
@@ -475,26 +812,36 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
     run = Path(run)
     saved = load_saved_model(run)
     model, schema, cfg = saved.model, saved.schema, saved.cfg
+    task = model.task
+    terms = _terms(task, schema.classes)
+    key = terms.metric
+    classify = task.kind == "classification"
     meta = {"round": saved.round, "run_id": cfg["run_id"]}
     folder = holdout_folder(run, cfg, data)
     site = load_site(folder)
     used = tuple(m for m in MODALITY_NAMES if m in cfg["train.modalities"])
     enc = restrict_modalities(encode(site, schema), used)
-    if len(np.unique(enc.labels)) < 2:
-        raise DataError(f"{folder}: the holdout has one class only; AUROC is undefined")
+    _check_defined(task, enc, folder)
     h = _prepare(model, enc)
     rng = np.random.default_rng([seed, 20240])
     with torch.no_grad():
-        base = _score(model, h)  # [AUROC, mean log-likelihood]
+        base = _score(model, h)  # [headline metric, minus the mean loss]
+    if not np.isfinite(base[0]):
+        raise DataError(f"{folder}: the holdout's {terms.metric_name} is undefined (no "
+                        "comparable patients)")
     n_classes = len(schema.classes)
     # Binary: explain the positive class (index 1); otherwise each patient's own class.
-    target = np.ones(len(enc), dtype=np.int64) if n_classes == 2 else enc.labels.copy()
+    # Regression and survival have one target per patient and need no class.
+    target = (np.zeros(len(enc), dtype=np.int64) if not classify
+              else np.ones(len(enc), dtype=np.int64) if n_classes == 2
+              else enc.labels.copy())
     modal = _modality_contributions(model, h, used, base)
     records = (_record_importance(model, h, schema, rng, repeats, base, rank_by)
                if "records" in used else [])
+    explained = "target-class probability" if classify else terms.target.removeprefix("the ")
     genes, gene_method = (_gene_importance(model, h, schema, rng, repeats, base,
                                            gene_screen_above, torch.from_numpy(target),
-                                           rank_by)
+                                           rank_by, explained)
                           if "genomics" in used else ([], {"genes_permuted": 0}))
     out_dir = run / EXPLAIN_DIR
     try:
@@ -508,70 +855,58 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
         image_only = torch.zeros_like(h.mask)
         image_only[:, 1] = h.mask[:, 1]
         with torch.no_grad():
-            image_probs = _head_probs(model, h.emb_records, h.emb_images, h.emb_genomics,
-                                      image_only).numpy()
-        for i in _pick_image_patients(h, image_probs, target, images):
-            heat, prob = _occlusion(model, h, i, int(target[i]))
+            image_scores = _target_values(model, h, h.emb_records, h.emb_images,
+                                          h.emb_genomics, image_only,
+                                          torch.from_numpy(target)).numpy()
+        for i in _pick_image_patients(h, image_scores, images):
+            heat, value = _occlusion(model, h, i, int(target[i]))
             pid = site.ids[i]
             name = f"image-{pid}.png"
-            cls = schema.classes[int(target[i])]
-            _image_figure(out_dir / name, h.image[i, 0].numpy(), heat, pid,
-                          schema.classes[int(h.labels[i])], prob, cls)
             peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
-            image_items.append({"patient_id": pid, "png": name,
-                                "label": schema.classes[int(h.labels[i])],
-                                "target_class": cls, "probability": prob,
-                                "image_only_probability": float(
-                                    image_probs[i, int(target[i])]),
+            item, bar_label, title = _image_texts(task, schema, h, i, pid, value)
+            _image_figure(out_dir / name, h.image[i, 0].numpy(), heat, pid, bar_label, title)
+            shown = {"probability": value, "image_only_probability": float(image_scores[i])
+                     } if classify else {"target": terms.target, "prediction": value,
+                                         "image_only_prediction": float(image_scores[i])}
+            image_items.append({"patient_id": pid, "png": name, **item, **shown,
                                 "max_drop": float(heat.max()),
                                 "peak_yx": [int(peak[0]), int(peak[1])]})
-    _modality_figure(out_dir / "modality_contributions.png", modal["drop"], float(base[0]))
-    _features_figure(out_dir / "top_features.png", genes, records, top, rank_by)
+    subtitle = None if classify else f"{task.kind} task, target: {terms.target}"
+    _modality_figure(out_dir / "modality_contributions.png", modal["drop"], float(base[0]),
+                     terms.metric_name, subtitle)
+    _features_figure(out_dir / "top_features.png", genes, records, top, rank_by, terms,
+                     subtitle)
+    method: dict[str, Any] = _method_text(task, terms, repeats)
+    method = {"metric": method["metric"],
+              "modality_contribution": method["modality_contribution"],
+              "permutation": method["permutation"], "rank_by": rank_by,
+              "rank_metric": f"{key}_drop" if rank_by == "auroc" else "loss_increase",
+              "genomics": gene_method, "images": method["images"],
+              "image_patients": method["image_patients"],
+              "seed": seed, "repeats": repeats, "top": top}
     result: dict[str, Any] = finite({
         "run": str(run),
         "run_id": meta["run_id"],
         "model_round": meta["round"],
-        "holdout": {"folder": str(folder), "patients": len(enc),
-                    "classes": schema.classes,
-                    "class_counts": np.bincount(enc.labels, minlength=n_classes).tolist(),
-                    "with_images": int(enc.mask[:, 1].sum()),
-                    "with_genomics": int(enc.mask[:, 2].sum())},
+        "holdout": _holdout_summary(task, schema, enc, folder),
+        "task": {"kind": task.kind, "metric": key, "metric_name": terms.metric_name,
+                 "loss": _loss_text(task), "target": terms.target, "unit": task.unit},
         "modalities_used": list(used),
-        "auroc": float(base[0]),
+        key: float(base[0]),
         "loss": float(-base[1]),
         "modality_contribution": modal["drop"],
         "modality_loss_increase": modal["loss_increase"],
-        "modality_auroc_without": modal["auroc_without"],
-        "modality_auroc_alone": modal["auroc_alone"],
+        f"modality_{key}_without": modal["without"],
+        f"modality_{key}_alone": modal["alone"],
         "top_features": {"records": records[:top], "genomics": genes[:top]},
         "feature_importance": {
-            mod: {"auroc_drop": {it["name"]: it["importance"] for it in items},
+            mod: {f"{key}_drop": {it["name"]: it["importance"] for it in items},
                   "loss_increase": {it["name"]: it["loss_increase"] for it in items}}
             for mod, items in (("records", records), ("genomics", genes))},
         "images": image_items,
         "figures": {"modality_contributions": "modality_contributions.png",
                     "top_features": "top_features.png"},
-        "method": {
-            "metric": "holdout AUROC (binary: class 1; otherwise macro one-vs-rest)",
-            "modality_contribution": "AUROC(full) - AUROC with that modality's mask "
-                                     "column set to 0 for every patient (absent = no "
-                                     "evidence, as in training)",
-            "permutation": f"AUROC drop ('importance') and log-loss increase when one "
-                           f"column is permuted across patients, mean (and sd) over "
-                           f"{repeats} seeded permutations; numeric records are "
-                           "permuted with their missing-indicator; genes among "
-                           "patients with genomics only",
-            "rank_by": rank_by,
-            "genomics": gene_method,
-            "images": f"occlusion: {OCCLUSION_PATCH}x{OCCLUSION_PATCH} patch set to the "
-                      f"image mean (gray), stride {OCCLUSION_STRIDE}; map = mean drop "
-                      "in the target-class probability over patches covering a pixel",
-            "image_patients": "patients with an image, ranked by the target-class "
-                              "probability with the image as the only evidence: the "
-                              "highest true positives, then the lowest true negatives; "
-                              "the maps themselves use the full model",
-            "seed": seed, "repeats": repeats, "top": top,
-        },
+        "method": method,
         "runtime_seconds": round(time.perf_counter() - started, 2),
     })
     text = json.dumps(result, indent=2, allow_nan=False) + "\n"
@@ -579,12 +914,42 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
     return result
 
 
+def _image_texts(task: Task, schema: FeatureSchema, h: _Holdout, i: int, pid: str,
+                 value: float) -> tuple[dict[str, Any], str, str]:
+    """An image map's JSON fields on the observed outcome, colour-bar label and title."""
+    if task.kind == "classification" or h.targets is None:
+        label = schema.classes[int(h.labels[i])]
+        cls = (schema.classes[1] if len(schema.classes) == 2
+               else schema.classes[int(h.labels[i])])
+        return ({"label": label, "target_class": cls}, f"drop in P({cls}) when occluded",
+                f"patient {pid}: label {label}, predicted P({cls}) = {value:.2f}")
+    t = float(h.targets[i])
+    unit = f" {task.unit}" if task.unit else ""
+    if task.kind == "regression":
+        return ({"label": f"{t:.6g}", "observed_value": t},
+                f"drop in predicted value{unit and f' ({task.unit})'} when occluded",
+                f"patient {pid}: observed {t:.2f}{unit}, predicted {value:.2f}{unit} "
+                "(regression)")
+    event = bool(h.labels[i])
+    label = f"{'event' if event else 'censored'} at {t:g}{unit}"
+    return ({"label": label, "observed_time": t, "event": event},
+            f"drop in risk when occluded (RMST gained{unit and f', {task.unit}'})",
+            f"patient {pid}: {label}; predicted RMST to {task.cuts[-1]:.0f}{unit} = "
+            f"{-value:.0f} (risk = -RMST)")
+
+
 def summary_lines(result: dict[str, Any], top: int = 5) -> list[str]:
     """A short human-readable digest for the command line."""
+    task = result.get("task") or {}
+    metric, name = task.get("metric", "auroc"), task.get("metric_name", "AUROC")
     contrib = result["modality_contribution"]
-    lines = [f"holdout AUROC {result['auroc']:.3f} ({result['holdout']['patients']} patients)",
-             "modality contribution (AUROC drop when masked): " + ", ".join(
-                 f"{m} {v:+.3f}" for m, v in contrib.items() if v is not None)]
+    head = f"holdout {name} {result[metric]:.3f} ({result['holdout']['patients']} patients)"
+    if task.get("kind", "classification") != "classification":
+        head += f"; {task['kind']} task, explaining {task.get('target')}"
+    lines = [head, f"modality contribution ({name} drop when masked): " + ", ".join(
+        f"{m} {v:+.3f}" for m, v in contrib.items() if v is not None)]
+    if result["method"]["rank_by"] == "auroc" and metric != "auroc":
+        lines.append(f"--rank-by auroc ranks by this task's headline metric, {name}")
     for mod in ("records", "genomics"):
         items = result["top_features"][mod][:top]
         if items:
@@ -608,4 +973,5 @@ def explain_from_args(args: Any) -> int:
     return 0
 
 
-__all__ = ["RANK_METRICS", "auroc", "explain_from_args", "explain_run", "summary_lines"]
+__all__ = ["RANK_METRICS", "auroc", "comparable_pairs", "explain_from_args", "explain_run",
+           "harrell_c", "summary_lines"]

@@ -95,8 +95,22 @@ def _all_nan(values: Sequence[float]) -> bool:
     return all(not math.isfinite(v) for v in values)
 
 
+# Lines that give a figure its meaning: what a model without skill would score.
+REFERENCE_LINES = {"auroc": (0.5, "chance (0.5)"), "c_index": (0.5, "chance (0.5)"),
+                   "td_auc": (0.5, "chance (0.5)"), "r2": (0.0, "predicting the mean (0)")}
+
+
+def _reference(ax: Axes, key: str) -> int:
+    """Draw the key's no-skill line, if it has one; the number of legend entries added."""
+    if key not in REFERENCE_LINES:
+        return 0
+    value, label = REFERENCE_LINES[key]
+    ax.axhline(value, linestyle=":", color="grey", label=label)
+    return 1
+
+
 def global_metric(data: RunData, out: Path, key: str, label: str, unit_interval: bool) -> Plot:
-    """One global holdout figure by round (AUROC, loss, ...)."""
+    """One global holdout figure by round (AUROC, R², C-index, loss, ...)."""
     x, y = data.round_numbers, data.global_series(key)
     file = f"global_{key}.png"
     title = f"Global {label} on the holdout by round"
@@ -107,32 +121,39 @@ def global_metric(data: RunData, out: Path, key: str, label: str, unit_interval:
     ax.plot(x, y, marker="o", color="#1f77b4", label=f"global {label}")
     if unit_interval:
         ax.set_ylim(-0.02, 1.02)
-    if key == "auroc":
-        ax.axhline(0.5, linestyle=":", color="grey", label="chance (0.5)")
+    entries = 1 + _reference(ax, key)
     _integer_rounds(ax, x)
-    _legend(ax, 2 if key == "auroc" else 1)
+    _legend(ax, entries)
     final = y[-1]
     alt = f"{title}; final {final:.3f}" if math.isfinite(final) else title
     return save(fig, out, file, alt)
 
 
-def site_local_auroc(data: RunData, out: Path) -> Plot | None:
-    """Each site's AUROC on its own validation split; None when no site reported one."""
+def site_local_metric(data: RunData, out: Path, key: str = "auroc", label: str = "AUROC",
+                      unit_interval: bool = True) -> Plot | None:
+    """Each site's figure (the task's headline: AUROC, R², C-index) on its own
+    validation split; None when no site reported one."""
     x = data.round_numbers
-    series = {s: data.site_series(s, "auroc", local=True) for s in data.site_names}
+    series = {s: data.site_series(s, key, local=True) for s in data.site_names}
     series = {s: v for s, v in series.items() if not _all_nan(v)}
     if not series:
         return None
     colors = site_colors(data.site_names)
-    fig, ax = new_axes("Per-site local AUROC by round (own validation split)", "round",
-                       "AUROC")
+    fig, ax = new_axes(f"Per-site local {label} by round (own validation split)", "round",
+                       label)
     for site, values in series.items():
         ax.plot(x, values, marker="o", color=colors[site], label=site)
-    ax.set_ylim(-0.02, 1.02)
+    if unit_interval:
+        ax.set_ylim(-0.02, 1.02)
     _integer_rounds(ax, x)
     _legend(ax, len(series))
-    return save(fig, out, "site_local_auroc.png",
-                f"Per-site local AUROC by round for {len(series)} site(s)")
+    return save(fig, out, f"site_local_{key}.png",
+                f"Per-site local {label} by round for {len(series)} site(s)")
+
+
+def site_local_auroc(data: RunData, out: Path) -> Plot | None:
+    """Each site's AUROC on its own validation split (a classification run's headline)."""
+    return site_local_metric(data, out, "auroc", "AUROC", unit_interval=True)
 
 
 def _budget(data: RunData, site: str) -> float:
@@ -270,17 +291,25 @@ def communication_seconds(data: RunData, out: Path) -> Plot:
     return save(fig, out, file, f"{title}: " + ", ".join(stages))
 
 
-def baseline_auroc(data: RunData, base: RunData, out: Path) -> Plot:
-    """This run and the reference run on one plot (centralized rounds are epochs)."""
-    title = "Global AUROC by round: this run vs baseline"
-    fig, ax = new_axes(title, "round (centralized: epoch)", "holdout AUROC")
-    ax.plot(data.round_numbers, data.global_series("auroc"), marker="o", color="#1f77b4",
+def baseline_metric(data: RunData, base: RunData, out: Path, key: str = "auroc",
+                    label: str = "AUROC", unit_interval: bool = True) -> Plot:
+    """This run and the reference run on one plot (centralized rounds are epochs), in the
+    task's headline figure."""
+    title = f"Global {label} by round: this run vs baseline"
+    fig, ax = new_axes(title, "round (centralized: epoch)", f"holdout {label}")
+    ax.plot(data.round_numbers, data.global_series(key), marker="o", color="#1f77b4",
             label=f"{data.mode} ({data.path.name})")
-    ax.plot(base.round_numbers, base.global_series("auroc"), marker="s", linestyle="--",
+    ax.plot(base.round_numbers, base.global_series(key), marker="s", linestyle="--",
             color="#d62728", label=f"baseline: {base.mode} ({base.path.name})")
-    ax.axhline(0.5, linestyle=":", color="grey", label="chance (0.5)")
-    ax.set_ylim(-0.02, 1.02)
+    entries = 2 + _reference(ax, key)
+    if unit_interval:
+        ax.set_ylim(-0.02, 1.02)
     _integer_rounds(ax, data.round_numbers + base.round_numbers)
-    _legend(ax, 3)
-    return save(fig, out, "baseline_auroc.png",
+    _legend(ax, entries)
+    return save(fig, out, f"baseline_{key}.png",
                 f"{title}: {data.mode} run against {base.mode} baseline")
+
+
+def baseline_auroc(data: RunData, base: RunData, out: Path) -> Plot:
+    """This run and the reference run in AUROC (a classification run's headline)."""
+    return baseline_metric(data, base, out, "auroc", "AUROC", unit_interval=True)

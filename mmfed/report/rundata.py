@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfed.errors import DataError
+from mmfed.ml.task import KINDS, kind_of_metrics
 
 STATUSES = ("trained", "declined", "dropped")
 # Dict-valued parts of a metrics line; any of them may be absent in older or
@@ -151,6 +152,19 @@ class RunData:
         """Final global figures: the summary's, else the last round's."""
         final = self.summary.get("final")
         return final if isinstance(final, dict) and final else self.rounds[-1]["global"]
+
+    @property
+    def kind(self) -> str:
+        """The task the run trained: summary.json's ``task`` where the run wrote one, else
+        read off the figures' keys (each kind logs its own), so that a report of a run
+        whose model cannot be loaded still names the right metrics."""
+        named = self.summary.get("task")
+        if isinstance(named, str) and named in KINDS:
+            return named
+        for figures in (self.final, *(line["global"] for line in reversed(self.rounds))):
+            if figures:
+                return kind_of_metrics(figures)
+        return "classification"
 
     @property
     def summary_sites(self) -> dict[str, dict[str, Any]]:

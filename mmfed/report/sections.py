@@ -4,22 +4,35 @@ Each builder takes the validated run (and the figures it needs) and returns one
 ``Section``. Privacy and secure-aggregation status are stated in words as well as
 plotted, because "DP was off" is the single most important fact about a run that
 leaves a hospital, and an empty plot alone is easy to misread.
+
+Tables, plots and wording follow the run's task (classification, regression or
+survival, see :mod:`mmfed.ml.task`): each kind is judged by its own figures, and a
+survival report that spoke of AUROC and cross-entropy would mislead its reader. The
+task comes from the saved model's schema when the holdout was evaluated, else from
+the figures metrics.jsonl recorded (``RunData.kind``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmfed.ml.task import Task
 from mmfed.report import plots
 from mmfed.report.holdout import (
     HoldoutResult,
     calibration_plot,
     confusion_plot,
+    regression_scatter,
+    residual_histogram,
     roc_plot,
+    survival_auc_plot,
+    survival_km_plot,
+    survival_tertile_plot,
 )
 from mmfed.report.html import Section, figure, para, status, table
 from mmfed.report.rundata import STATUSES, RunData, number
@@ -27,7 +40,106 @@ from mmfed.report.rundata import STATUSES, RunData, number
 METRICS = (("auroc", "AUROC"), ("accuracy", "accuracy"), ("precision", "precision"),
            ("recall", "recall"), ("f1", "F1"), ("ece", "ECE (calibration error)"),
            ("loss", "loss (cross-entropy)"))
+REGRESSION_METRICS = (("r2", "R² (explained variance)"), ("mae", "MAE"), ("rmse", "RMSE"),
+                      ("loss", "loss (Huber, standardised target)"))
+SURVIVAL_METRICS = (("c_index", "C-index (Harrell)"), ("uno_c_index", "Uno's C-index (IPCW)"),
+                    ("td_auc", "time-dependent AUC (mean over horizons)"),
+                    ("ibs", "integrated Brier score"), ("events", "events"),
+                    ("loss", "loss (hazard negative log-likelihood)"))
+# The per-round table's columns: a few figures per kind, so the table stays readable.
+ROUND_COLUMNS = {
+    "classification": (("auroc", "AUROC"), ("accuracy", "accuracy"), ("f1", "F1"),
+                       ("ece", "ECE"), ("loss", "loss")),
+    "regression": (("r2", "R²"), ("mae", "MAE"), ("rmse", "RMSE"), ("loss", "loss")),
+    "survival": (("c_index", "C-index"), ("uno_c_index", "Uno's C"), ("td_auc", "td-AUC"),
+                 ("ibs", "IBS"), ("loss", "loss")),
+}
+LOSS_CAPTIONS = {"classification": "Global cross-entropy loss on the holdout.",
+                 "regression": "Global Huber loss on the holdout, on the standardised target "
+                               "(the federation's mean and spread of the label).",
+                 "survival": "Global discrete-time hazard negative log-likelihood on the "
+                             "holdout."}
+LOSS_LABELS = {"classification": "loss", "regression": "Huber loss",
+               "survival": "hazard NLL"}  # short: a plot title and axis
+HEADLINE_NOTES = {"classification": "0.5 is chance",
+                  "regression": "0 is no better than predicting the mean, 1 is perfect",
+                  "survival": "0.5 is chance, 1 orders every comparable pair correctly"}
+UNDEFINED_LOCALLY = {"classification": "a split holds one class only",
+                     "regression": "a split's values are all equal",
+                     "survival": "a split has no events or no comparable pairs"}
+BETTER_NOTES = {"classification": "ECE and loss: lower is better; the other figures: "
+                                  "higher is better.",
+                "regression": "MAE, RMSE and loss: lower is better; R²: higher is better.",
+                "survival": "Integrated Brier score and loss: lower is better; C-index and "
+                            "AUC: higher is better; events are a count, not a score."}
+COUNT_KEYS = ("events", "n")  # shown as whole numbers
 MAX_EVENT_ROWS = 50  # a long run with a flaky site would otherwise bury the page
+
+
+def headline(kind: str) -> tuple[str, str]:
+    """(key, name) of the figure a run of this kind is summarised by."""
+    return Task(kind=kind).headline
+
+
+def _kind(data: RunData, task: Task | None) -> str:
+    """The model's own task where it was loaded, else what metrics.jsonl shows."""
+    return task.kind if task is not None else data.kind
+
+
+def _numbered(prefix: str, figures: tuple[dict[str, Any], ...]) -> list[int]:
+    """The k of every ``<prefix>_<k>`` key in any of ``figures``, sorted."""
+    pattern = re.compile(rf"{prefix}_(\d+)")
+    found = {int(m.group(1)) for f in figures for k in f if (m := pattern.fullmatch(k))}
+    return sorted(found)
+
+
+def metric_labels(kind: str, task: Task | None, *figures: dict[str, Any]
+                  ) -> list[tuple[str, str]]:
+    """(key, label) of the figures a table shows for this kind of task, in order.
+
+    Classification keeps its fixed list, plus macro F1 and per-class recall where more
+    than two classes logged them; regression errors carry the label's unit; survival
+    lists the AUC at each horizon, named by its time when the task is known.
+    """
+    unit = task.unit if task is not None else ""
+    if kind == "regression":
+        return [(k, f"{label} ({unit})" if unit and k in ("mae", "rmse") else label)
+                for k, label in REGRESSION_METRICS]
+    if kind == "survival":
+        horizons = list(task.horizons) if task is not None else []
+        ks = sorted(set(_numbered("auc", figures)) | set(range(1, len(horizons) + 1)))
+        aucs = [(f"auc_{k}", f"AUC at t = {horizons[k - 1]:.4g}" + (f" {unit}" if unit else "")
+                 if k <= len(horizons) else f"AUC at horizon {k}") for k in ks]
+        rows = list(SURVIVAL_METRICS)
+        return rows[:3] + aucs + rows[3:]
+    rows = list(METRICS)
+    extra: list[tuple[str, str]] = []
+    if any("macro_f1" in f for f in figures):
+        extra.append(("macro_f1", "macro F1"))
+    classes = list(task.classes) if task is not None else []
+    for k in _numbered("recall", figures):
+        name = classes[k] if k < len(classes) else str(k)
+        extra.append((f"recall_{k}", f"recall of class '{name}'"))
+    at = [k for k, _ in rows].index("ece")
+    return rows[:at] + extra + rows[at:]
+
+
+def metric_value(key: str, value: Any) -> float | int:
+    """A figure for a table cell: counts as whole numbers, null as NaN (an en dash)."""
+    v = number(value)
+    return int(v) if key in COUNT_KEYS and math.isfinite(v) else v
+
+
+def task_text(task: Task | None, kind: str) -> str:
+    """The task in words for the run table ("survival (time in days, 9 intervals)")."""
+    if task is None:
+        return kind
+    unit = f" in {task.unit}" if task.unit else ""
+    if kind == "regression":
+        return f"regression (value{unit})"
+    if kind == "survival":
+        return f"survival (time{unit}, {len(task.cuts)} hazard intervals)"
+    return f"classification ({len(task.classes)} classes)"
 
 
 def _wall(seconds: Any) -> str:
@@ -89,6 +201,8 @@ def secagg_status(data: RunData) -> tuple[str, str]:
 
 def summary_section(data: RunData, holdout: HoldoutResult | None) -> Section:
     cfg = data.config
+    task = holdout.task if holdout is not None else None
+    kind = _kind(data, task)
     rounds = data.summary.get("rounds", data.round_numbers[-1])
     run_rows: list[list[object]] = [
         ["mode", data.mode],
@@ -102,10 +216,13 @@ def summary_section(data: RunData, holdout: HoldoutResult | None) -> Section:
         ["model fusion", cfg.get("model.fusion", "–")],
         ["modalities", ", ".join(map(str, cfg.get("train.modalities", []))) or "–"],
     ]
+    if kind != "classification":  # a classification report keeps its earlier rows
+        run_rows.insert(4, ["task", task_text(task, kind)])
     if holdout is not None:
         run_rows.append(["holdout patients", len(holdout.labels)])
     final = data.final
-    final_rows = [[label, number(final.get(key))] for key, label in METRICS]
+    final_rows = [[label, metric_value(key, final.get(key))]
+                  for key, label in metric_labels(kind, task, final)]
     dp_text, dp_cls = privacy_status(data)
     sa_text, sa_cls = secagg_status(data)
     body = (status("Differential privacy", dp_text, dp_cls)
@@ -117,35 +234,39 @@ def summary_section(data: RunData, holdout: HoldoutResult | None) -> Section:
     return Section("summary", "Summary", body)
 
 
-def _per_round_table(data: RunData) -> str:
+def _per_round_table(data: RunData, kind: str) -> str:
     counts = data.status_counts()
+    columns = ROUND_COLUMNS[kind]
     rows: list[list[object]] = []
     for i, line in enumerate(data.rounds):
         g = line["global"]
-        rows.append([line["round"], number(g.get("auroc")), number(g.get("accuracy")),
-                     number(g.get("f1")), number(g.get("ece")), number(g.get("loss")),
+        rows.append([line["round"], *(number(g.get(key)) for key, _ in columns),
                      counts["trained"][i]])
-    return table(["round", "AUROC", "accuracy", "F1", "ECE", "loss", "sites trained"], rows,
+    return table(["round", *(label for _, label in columns), "sites trained"], rows,
                  "Global figures by round", "table-rounds")
 
 
-def performance_section(data: RunData, out: Path) -> Section:
-    auroc = plots.global_metric(data, out, "auroc", "AUROC", unit_interval=True)
-    loss = plots.global_metric(data, out, "loss", "loss", unit_interval=False)
+def performance_section(data: RunData, out: Path, task: Task | None = None) -> Section:
+    kind = _kind(data, task)
+    key, label = headline(kind)
+    bounded = kind != "regression"  # R² is unbounded below; AUROC and C in [0, 1]
+    main = plots.global_metric(data, out, key, label, unit_interval=bounded)
+    loss = plots.global_metric(data, out, "loss", LOSS_LABELS[kind], unit_interval=False)
     body = (para("Global figures are measured by the server on its holdout after each "
                  "round's aggregation.")
-            + figure(auroc, "Global AUROC on the holdout; 0.5 is chance.")
-            + figure(loss, "Global cross-entropy loss on the holdout."))
-    local = plots.site_local_auroc(data, out) if data.federated else None
+            + figure(main, f"Global {label} on the holdout; {HEADLINE_NOTES[kind]}.")
+            + figure(loss, LOSS_CAPTIONS[kind]))
+    local = (plots.site_local_metric(data, out, key, label, unit_interval=bounded)
+             if data.federated else None)
     if local is not None:
-        body += figure(local, "Each site's AUROC of the global model on its own validation "
-                       "split (undefined where a split holds one class only).")
+        body += figure(local, f"Each site's {label} of the global model on its own "
+                       f"validation split (undefined where {UNDEFINED_LOCALLY[kind]}).")
     elif data.federated:
-        body += para("No site reported local validation AUROC (federation.local_eval off?).",
-                     "note")
+        body += para(f"No site reported local validation {label} (federation.local_eval "
+                     "off?).", "note")
     else:
         body += para("Centralized run: there are no per-site evaluations.", "note")
-    return Section("performance", "Performance", body + _per_round_table(data))
+    return Section("performance", "Performance", body + _per_round_table(data, kind))
 
 
 def privacy_section(data: RunData, out: Path) -> Section:
@@ -238,45 +359,90 @@ def communication_section(data: RunData, out: Path) -> Section:
     return Section("communication", "Communication and time", body)
 
 
-def holdout_section(result: HoldoutResult, data: RunData, out: Path) -> Section:
-    roc = roc_plot(result, out)
-    confusion = confusion_plot(result, out)
-    calibration = calibration_plot(result, out)
+def _holdout_text(result: HoldoutResult) -> str:
+    """Who the holdout figures are about: class balance, follow-up, or value range."""
+    n = len(result.labels)
+    unit = f" {result.task.unit}" if result.task.unit else ""
+    if result.kind == "regression":
+        values = result.targets
+        return (f"observed values{' in' + unit if unit else ''}: mean {values.mean():.4g}, "
+                f"sd {values.std():.4g}, range {values.min():.4g} to {values.max():.4g}")
+    if result.kind == "survival":
+        events = int(result.events.sum())
+        return (f"{events} events, {n - events} censored; follow-up "
+                f"{result.targets.min():.4g} to {result.targets.max():.4g}{unit}")
     counts = np.bincount(result.labels, minlength=len(result.classes))
-    balance = ", ".join(f"{c}: {int(n)}" for c, n in zip(result.classes, counts, strict=True))
+    balance = ", ".join(f"{c}: {int(k)}" for c, k in zip(result.classes, counts, strict=True))
+    return f"patients per class: {balance}"
+
+
+def _holdout_figures(result: HoldoutResult, out: Path) -> str:
+    """The figures that show what lies behind the task's final numbers."""
+    if result.kind == "regression":
+        return (figure(regression_scatter(result, out), "Predicted against observed value "
+                       "per holdout patient; points on the dotted identity line are exact.")
+                + figure(residual_histogram(result, out), "Residuals (predicted − observed): "
+                         "the dashed line is the mean error (bias), the spread the typical "
+                         "error."))
+    if result.kind == "survival":
+        return (figure(survival_km_plot(result, out), "Kaplan–Meier estimate of the holdout "
+                       "(solid, censored patients ticked) against the mean of the model's "
+                       "predicted survival curves (dashed, a step at each interval cut); "
+                       "close curves mean calibrated predictions.")
+                + figure(survival_tertile_plot(result, out), "Holdout split into thirds by "
+                         "predicted risk: each third's Kaplan–Meier curve (solid) against "
+                         "its mean predicted curve (dashed, same colour). Separated groups "
+                         "mean discrimination, matching pairs calibration.")
+                + figure(survival_auc_plot(result, out), "Cumulative/dynamic AUC at each "
+                         "horizon: how well the predicted risk separates patients with an "
+                         "event by t from those still event-free at t; 0.5 is chance."))
+    return (figure(roc_plot(result, out), "ROC curve; the area under it is the AUROC.")
+            + figure(confusion_plot(result, out), "Confusion matrix at the arg-max decision.")
+            + figure(calibration_plot(result, out), "Reliability diagram: points on the "
+                     "diagonal are perfectly calibrated; grey bars show how many patients "
+                     "fall in each bin."))
+
+
+def holdout_section(result: HoldoutResult, data: RunData, out: Path) -> Section:
     rnd = f"round {result.model_round}" if result.model_round is not None else "final round"
     body = para(f"The saved model (model.pt, {rnd}) re-evaluated on {len(result.labels)} "
-                f"holdout patients from {result.folder} (patients per class: {balance}).")
-    rows = [[label, number(result.metrics.get(key)), number(data.final.get(key))]
-            for key, label in METRICS]
+                f"holdout patients from {result.folder} ({_holdout_text(result)}).")
+    rows = [[label, metric_value(key, result.metrics.get(key)),
+             metric_value(key, data.final.get(key))]
+            for key, label in metric_labels(result.kind, result.task, result.metrics,
+                                            data.final)]
     body += table(["metric", "recomputed now", "recorded in summary.json"], rows,
                   "Holdout figures", "table-holdout")
-    body += figure(roc, "ROC curve; the area under it is the AUROC.")
-    body += figure(confusion, "Confusion matrix at the arg-max decision.")
-    body += figure(calibration, "Reliability diagram: points on the diagonal are perfectly "
-                   "calibrated; grey bars show how many patients fall in each bin.")
+    body += _holdout_figures(result, out)
     return Section("holdout", "Holdout evaluation of the final model", body)
 
 
-def baseline_section(data: RunData, base: RunData, out: Path) -> Section:
-    plot = plots.baseline_auroc(data, base, out)
+def baseline_section(data: RunData, base: RunData, out: Path,
+                     task: Task | None = None) -> Section:
+    kind = _kind(data, task)
+    key, label = headline(kind)
+    plot = plots.baseline_metric(data, base, out, key, label,
+                                 unit_interval=kind != "regression")
     body = para(f"Baseline: {base.mode} run {base.path}.")
     ours, theirs = data.config.get("data.dir"), base.config.get("data.dir")
-    if ours and theirs and Path(str(ours)) != Path(str(theirs)):
+    if base.kind != kind:
+        body += status("Caution", f"the baseline trained a {base.kind} task, this run a "
+                       f"{kind} task; their figures cannot be compared", "warn")
+    elif ours and theirs and Path(str(ours)) != Path(str(theirs)):
         body += status("Caution", f"the baseline used a different data folder ({theirs}); "
                        "its figures may not be comparable", "warn")
-    body += figure(plot, "Holdout AUROC by round of this run and of the baseline "
+    body += figure(plot, f"Holdout {label} by round of this run and of the baseline "
                    "(a centralized baseline's rounds are epochs over the pooled data).")
     rows: list[list[object]] = []
-    for key, label in METRICS:
-        a, b = number(data.final.get(key)), number(base.final.get(key))
+    for key, label in metric_labels(kind, task, data.final, base.final):
+        a, b = metric_value(key, data.final.get(key)), metric_value(key, base.final.get(key))
         rows.append([label, a, b, a - b if math.isfinite(a) and math.isfinite(b) else math.nan])
     rows.append(["rounds", data.round_numbers[-1], base.round_numbers[-1], "–"])
     rows.append(["wall time", _wall(data.summary.get("wall_seconds")),
                  _wall(base.summary.get("wall_seconds")), "–"])
     body += table(["metric", f"this run ({data.mode})", f"baseline ({base.mode})",
                    "difference"], rows, "Final figures", "table-baseline")
-    body += para("ECE and loss: lower is better; the other figures: higher is better.", "note")
+    body += para(BETTER_NOTES[kind], "note")
     return Section("baseline", "Baseline comparison", body)
 
 
@@ -327,4 +493,6 @@ def explanations_section(run: Path, out: Path) -> Section:
 
 def subtitle(data: RunData) -> str:
     """Plain text (the page escapes it)."""
-    return f"{data.mode} run · {len(data.rounds)} round(s) · {data.path}"
+    kind = data.kind
+    what = data.mode if kind == "classification" else f"{data.mode} {kind}"
+    return f"{what} run · {len(data.rounds)} round(s) · {data.path}"
