@@ -57,6 +57,7 @@ BENCHES = (
     Bench("utility", ("benchmarks/utility.py",)),
     Bench("import_speed", ("benchmarks/import_speed.py",)),
     Bench("dp_utility", ("benchmarks/dp_utility.py", "--seeds", "0", "1", "2")),
+    Bench("task_utility", ("benchmarks/task_utility.py",)),
     Bench("gpu_check", ("benchmarks/gpu_check.py",), cuda=True),
 )
 
