@@ -215,7 +215,7 @@ class StatsLayout:
                 raise DataError(f"{ref.name}: its task is {ref.spec.kind}, the sites' is "
                                 f"{self.kind} (task.kind in site.toml)")
         if self.kind == "survival":
-            times = [r.targets[r.labels == 1] for r in references if r.targets is not None]
+            times = [r.targets for r in references if r.targets is not None]
             self.edges = histogram_edges(np.concatenate(times) if times else None)
             self.scales = self.scales[:len(self.numeric) + len(self.genes)]
             self.scales += [1.0] * self.outcome_columns
@@ -361,7 +361,7 @@ def schema_from_moments(layout: StatsLayout, moments: np.ndarray, counts: np.nda
     k = len(layout.numeric)
     g = k + len(layout.genes)
     task = task_from_moments(layout.kind, layout.classes, layout.unit, layout.edges,
-                             means[g:], stds[g:])
+                             means[g:], stds[g:], [int(c) for c in counts[g:]])
     return FeatureSchema(classes=layout.classes, numeric=layout.numeric,
                          numeric_mean=means[:k], numeric_std=stds[:k],
                          categorical=layout.categorical, genes=layout.genes,

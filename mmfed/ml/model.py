@@ -237,11 +237,14 @@ class MultimodalNet(nn.Module):
         self.head = nn.Sequential(nn.Linear(self.fusion.out_dim, spec.hidden), nn.Tanh(),
                                   nn.Dropout(spec.dropout), out)
         if self.task.kind == "survival":
-            # Start from a plausible baseline hazard instead of 1/2 an interval: with
-            # cuts at event quantiles, about 1 in (intervals left + 1) at risk fails in
-            # each. Public (the schema's cut count only), so every site starts alike.
+            # Start from the federation's baseline hazard (agreed from summed
+            # histograms, in the schema) instead of 1/2 per interval, so the first
+            # rounds learn who is at higher risk, not the curve's overall level. Without
+            # one: with cuts at event quantiles, about 1 in (intervals left + 1) fails.
             k = self.task.outputs
-            hazard = 1.0 / (k + 1 - torch.arange(k, dtype=torch.float32))
+            hazard = (torch.tensor(self.task.baseline, dtype=torch.float32)
+                      if self.task.baseline else
+                      1.0 / (k + 1 - torch.arange(k, dtype=torch.float32)))
             with torch.no_grad():
                 out.bias.copy_(torch.log(hazard / (1 - hazard)))
 

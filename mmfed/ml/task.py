@@ -47,6 +47,7 @@ class Task:
     target_std: float = 1.0
     cuts: tuple[float, ...] = ()  # survival: right ends of the hazard intervals
     horizons: tuple[float, ...] = ()  # survival: times at which AUC is reported
+    baseline: tuple[float, ...] = ()  # survival: the federation's hazard per interval
 
     @property
     def outputs(self) -> int:
@@ -65,7 +66,7 @@ class Task:
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, "unit": self.unit, "target_mean": self.target_mean,
                 "target_std": self.target_std, "cuts": list(self.cuts),
-                "horizons": list(self.horizons)}
+                "horizons": list(self.horizons), "baseline": list(self.baseline)}
 
     @staticmethod
     def from_config(cfg: dict[str, Any], classes: list[str]) -> Task:
@@ -76,7 +77,8 @@ class Task:
                     target_mean=float(cfg.get("target_mean", 0.0)),
                     target_std=float(cfg.get("target_std", 1.0)),
                     cuts=tuple(float(c) for c in cfg.get("cuts", [])),
-                    horizons=tuple(float(h) for h in cfg.get("horizons", [])))
+                    horizons=tuple(float(h) for h in cfg.get("horizons", [])),
+                    baseline=tuple(float(b) for b in cfg.get("baseline", [])))
         task.check()
         return task
 
@@ -93,6 +95,10 @@ class Task:
             if cuts.size < 1 or not np.all(np.isfinite(cuts)) or cuts[0] <= 0 \
                     or np.any(np.diff(cuts) <= 0):
                 raise ValueError("a survival task needs increasing positive interval cuts")
+            if self.baseline and (len(self.baseline) != cuts.size or not all(
+                    0 < b < 1 for b in self.baseline)):
+                raise ValueError("a survival baseline needs one hazard in (0, 1) per "
+                                 "interval")
 
 
 def target_tensor(task: Task, labels: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -277,7 +283,12 @@ def cuts_from_histogram(edges: list[float], fractions: np.ndarray,
     cdf = np.concatenate([[0.0], np.cumsum(f) / total])
 
     def quantile(q: float) -> float:
-        return float(np.exp(np.interp(q, cdf, e)))
+        # the bin where the CDF first reaches q, then linear in log time inside it
+        # (np.interp is undefined on the CDF's flat stretches of empty bins)
+        b = int(np.clip(np.searchsorted(cdf, q * (1 - 1e-12), side="left") - 1, 0,
+                        len(f) - 1))
+        share = (q - cdf[b]) / (cdf[b + 1] - cdf[b]) if cdf[b + 1] > cdf[b] else 1.0
+        return float(np.exp(e[b] + np.clip(share, 0.0, 1.0) * (e[b + 1] - e[b])))
 
     raw = [quantile(k / intervals) for k in range(1, intervals + 1)]
     cuts: list[float] = []
@@ -288,36 +299,68 @@ def cuts_from_histogram(edges: list[float], fractions: np.ndarray,
 
 
 def outcome_width(kind: str, edges: list[float]) -> int:
-    """How many statistics columns the task's agreement adds after the features."""
+    """How many statistics columns the task's agreement adds after the features: the
+    regression target; or, for survival, a histogram of event times (over the patients
+    with an event) and one of follow-up times (over all patients)."""
     if kind == "regression":
         return 1
     if kind == "survival":
-        return len(edges) - 1
+        return 2 * (len(edges) - 1)
     return 0
 
 
 def outcome_values(kind: str, labels: np.ndarray, targets: np.ndarray | None,
                    edges: list[float]) -> list[np.ndarray]:
-    """A site's values for the task's statistics columns: the regression target, or
-    the histogram indicators of its patients' event times (events only)."""
+    """A site's values for the task's statistics columns (see ``outcome_width``): the
+    mean of a bin's indicator is the fraction of the column's patients in that bin."""
     if kind == "regression" and targets is not None:
         return [targets.astype(np.float64)]
     if kind == "survival" and targets is not None:
-        events = targets[labels == 1]
-        ind = bin_indicators(events, edges)
-        return [ind[:, b] for b in range(ind.shape[1])]
+        events = bin_indicators(targets[labels == 1], edges)
+        everyone = bin_indicators(targets, edges)
+        return [events[:, b] for b in range(events.shape[1])] + \
+            [everyone[:, b] for b in range(everyone.shape[1])]
     return []
 
 
+def baseline_hazards(edges: list[float], events: np.ndarray, exits: np.ndarray,
+                     cuts: list[float]) -> list[float]:
+    """The federation's hazard in each interval, life-table style: events in it over
+    patients still at risk at its start, from the two summed histograms (counts per
+    bin, interpolated log-linearly inside a bin). The head starts from it, so round 1
+    begins at the pooled Kaplan–Meier curve instead of an arbitrary one."""
+    e = np.log(np.asarray(edges))
+    cum_events = np.concatenate([[0.0], np.cumsum(np.clip(events, 0, None))])
+    cum_exits = np.concatenate([[0.0], np.cumsum(np.clip(exits, 0, None))])
+    total = cum_exits[-1]
+    out, left = [], 0.0
+    for cut in cuts:
+        lo = np.interp(np.log(left), e, cum_events) if left > 0 else 0.0
+        hi = np.interp(np.log(cut), e, cum_events)
+        gone = np.interp(np.log(left), e, cum_exits) if left > 0 else 0.0
+        at_risk = total - gone
+        hazard = (hi - lo) / at_risk if at_risk > 0 else 0.5
+        out.append(float(np.clip(hazard, 1e-3, 0.95)))
+        left = cut
+    return out
+
+
 def task_from_moments(kind: str, classes: list[str], unit: str, edges: list[float],
-                      means: list[float], stds: list[float]) -> Task:
-    """The task from the outcome columns' pooled moments (see ``outcome_values``)."""
+                      means: list[float], stds: list[float], counts: list[int]) -> Task:
+    """The task from the outcome columns' pooled moments and counts (see
+    ``outcome_values``)."""
     if kind == "regression":
         return Task(kind=kind, classes=tuple(classes), unit=unit, target_mean=means[0],
                     target_std=stds[0])
     if kind == "survival":
-        cuts, horizons = cuts_from_histogram(edges, np.asarray(means))
-        return Task(kind=kind, unit=unit, cuts=tuple(cuts), horizons=tuple(horizons))
+        bins = len(edges) - 1
+        fe, fa = np.asarray(means[:bins]), np.asarray(means[bins:2 * bins])
+        n_events, n_all = float(counts[0]), float(counts[bins])
+        cuts, horizons = cuts_from_histogram(edges, fe)
+        baseline = baseline_hazards(edges, fe * n_events, fa * n_all, cuts) \
+            if n_all > 0 and n_events > 0 else []
+        return Task(kind=kind, unit=unit, cuts=tuple(cuts), horizons=tuple(horizons),
+                    baseline=tuple(baseline))
     return Task(kind=kind, classes=tuple(classes), unit=unit)
 
 

@@ -123,13 +123,14 @@ class Harness:
         return leftover
 
 
-def small_kit(root: Path, sites: tuple[str, ...], seed: int) -> Path:
+def small_kit(root: Path, sites: tuple[str, ...], seed: int, task: str = "binary") -> Path:
     """A small TLS federation kit in ``root``: 40-patient sites, their keys, a CA."""
     from mmfed.cli import main
     from mmfed.data.synth import SynthSettings, synthesize
 
     synthesize(root / "fed", SynthSettings(sites=len(sites), patients_per_site=40,
-                                           holdout=40, genes=20, seed=seed, image_size=32))
+                                           holdout=40, genes=20, seed=seed, image_size=32,
+                                           task=task))
     for site in sites:
         assert main(["keys", "new", "--site", site, "--out", str(root / "keys")]) == 0
     assert main(["certs", "init", "--out", str(root / "certs"), "--host", "127.0.0.1"]) == 0
