@@ -100,7 +100,8 @@ class _Holdout:
 
     The trailing fields exist for the regression and survival scores: the task, the
     outcome (regression target / survival time, float64), what the task's loss reads,
-    that loss per patient, and Harrell's comparable pairs (None: too many to list).
+    the loss module (per patient), and Harrell's comparable pairs (survival; None
+    there: too many to list).
     """
 
     num: torch.Tensor
@@ -129,6 +130,8 @@ class _Holdout:
 
 @torch.no_grad()
 def _prepare(model: MultimodalNet, enc: EncodedSite) -> _Holdout:
+    """Everything a perturbation does not change, computed once: the unperturbed
+    embeddings, and for regression and survival the outcome, the loss and the pairs."""
     t = {f: torch.from_numpy(getattr(enc, f)) for f in
          ("num", "num_missing", "cat", "image", "genomics", "mask")}
     h = _Holdout(t["num"], t["num_missing"], t["cat"], t["image"], t["genomics"], t["mask"],
@@ -306,9 +309,7 @@ def _task_score(h: _Holdout, logits: torch.Tensor, lead: torch.Size) -> np.ndarr
     mean training loss of each prediction set (``_score``'s two columns)."""
     assert h.task is not None and h.targets is not None and h.y is not None \
         and h.loss_fn is not None
-    n = lead[-1]
-    sets = int(np.prod(lead[:-1], dtype=np.int64)) if len(lead) > 1 else 1
-    y = h.y.repeat(sets, 1)
+    y = h.y.repeat(int(np.prod(lead[:-1], dtype=np.int64)), 1)  # rows are set-major
     per = h.loss_fn(logits, y).reshape(*lead, -1).sum(-1)  # regression: (N, 1); else (N,)
     mean_loss = per.double().mean(-1).numpy()
     target = _task_target(h.task, logits.reshape(*lead, -1)).numpy()
@@ -319,7 +320,6 @@ def _task_score(h: _Holdout, logits: torch.Tensor, lead: torch.Size) -> np.ndarr
             np.full(target.shape[:-1], np.nan)
     else:
         headline = harrell_c(target, h.targets, h.labels, h.pairs)
-    assert target.shape[-1] == n
     return np.stack([np.asarray(headline, dtype=np.float64), -mean_loss], axis=-1)
 
 
@@ -925,15 +925,17 @@ def _image_texts(task: Task, schema: FeatureSchema, h: _Holdout, i: int, pid: st
                 f"patient {pid}: label {label}, predicted P({cls}) = {value:.2f}")
     t = float(h.targets[i])
     unit = f" {task.unit}" if task.unit else ""
+    in_unit = f" ({task.unit})" if task.unit else ""
     if task.kind == "regression":
         return ({"label": f"{t:.6g}", "observed_value": t},
-                f"drop in predicted value{unit and f' ({task.unit})'} when occluded",
+                f"drop in predicted value{in_unit} when occluded",
                 f"patient {pid}: observed {t:.2f}{unit}, predicted {value:.2f}{unit} "
                 "(regression)")
     event = bool(h.labels[i])
     label = f"{'event' if event else 'censored'} at {t:g}{unit}"
+    # risk = -RMST, so a drop in risk is RMST gained: days of survival the region costs
     return ({"label": label, "observed_time": t, "event": event},
-            f"drop in risk when occluded (RMST gained{unit and f', {task.unit}'})",
+            f"drop in risk when occluded (RMST gained{in_unit})",
             f"patient {pid}: {label}; predicted RMST to {task.cuts[-1]:.0f}{unit} = "
             f"{-value:.0f} (risk = -RMST)")
 

@@ -467,15 +467,18 @@ def explanations_section(run: Path, out: Path) -> Section:
         return Section("explanations", "Explanations", para(
             f"{source} is unreadable; run `mmfed explain RUN` again."))
     method = found.get("method", {}) if isinstance(found.get("method"), dict) else {}
+    task = found.get("task", {}) if isinstance(found.get("task"), dict) else {}
+    metric = str(task.get("metric_name", "AUROC"))  # files before task kinds: AUROC
+    loss = "log-loss" if task.get("kind", "classification") == "classification" else "loss"
     body = para(f"Computed on the holdout by `mmfed explain` ({method.get('rank_by', 'loss')} "
                 f"ranking, seed {method.get('seed', '?')}). "
-                "A modality's contribution is the AUROC lost when it is masked out for "
+                f"A modality's contribution is the {metric} lost when it is masked out for "
                 "every patient.")
-    body += table(["modality", "AUROC drop when masked"],
+    body += table(["modality", f"{metric} drop when masked"],
                   [[m, contribution[m]] for m in contribution], "Modality contributions",
                   "table-modality-contribution")
     for modality, rows in top.items():
-        body += table(["rank", "feature", "log-loss increase", "AUROC drop"],
+        body += table(["rank", "feature", f"{loss} increase", f"{metric} drop"],
                       [[r.get("rank"), r.get("name"), r.get("loss_increase"),
                         r.get("importance")] for r in rows[:10]],
                       f"Top {modality} features (permutation importance)",
