@@ -35,7 +35,7 @@ def test_deployed_federation_trains_the_sites_task(kind: str, tmp_path: Path) ->
     try:
         server = h.mmfed("server", "server", "--data", root / "fed", "--certs",
                          root / "certs", "--admit", root / "admitted", "--host", "127.0.0.1",
-                         "--port", str(port), "--out", run, "--rounds", "2", "--no-progress",
+                         "--port", str(port), "--out", run, "--rounds", "1", "--no-progress",
                          "--set", "train.batch_size=16", "--set", "privacy.enabled=true",
                          "--set", "secagg.enabled=true")
         clients = [h.mmfed(site, "client", "--data", root / "fed" / site, "--site", site,
@@ -51,7 +51,7 @@ def test_deployed_federation_trains_the_sites_task(kind: str, tmp_path: Path) ->
     assert not killed, f"processes had to be killed: {killed}"
     assert code == 0, server.text()[-3000:]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines] == [1, 2]
+    assert [line["round"] for line in lines] == [1]
     for line in lines:
         assert KEYS[kind] <= set(line["global"]), line["global"]
         assert line["aggregation"]["secure"] is True
