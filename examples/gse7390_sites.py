@@ -282,14 +282,22 @@ def main(argv: list[str] | None = None) -> int:
         "excluded": {"censored_before_horizon": n_censored},
         "kept": counts(labels[kept]),
         "events_after_horizon_labelled_0": n_late,
-        "seed": args.seed,
-        "holdout_fraction": args.holdout_fraction,
-        "splits": splits,
-        "genes": genes_note(len(genes)),
-        "records": {"numeric": numeric, "categorical": categorical,
-                    "unknown_set_to_missing": n_unknown},
-        "patient_ids": "GSE7390-NNN by row order of the source table",
+        **shared_fields(args, splits, len(genes), numeric, categorical, n_unknown),
     }
+    return write_cohort(args, cohort)
+
+
+def shared_fields(args: argparse.Namespace, splits: object, n_genes: int, numeric: object,
+                  categorical: object, n_unknown: int) -> dict[str, object]:
+    """The closing fields of cohort.json that both tasks write, in their order."""
+    return {"seed": args.seed, "holdout_fraction": args.holdout_fraction, "splits": splits,
+            "genes": genes_note(n_genes),
+            "records": {"numeric": numeric, "categorical": categorical,
+                        "unknown_set_to_missing": n_unknown},
+            "patient_ids": "GSE7390-NNN by row order of the source table"}
+
+
+def write_cohort(args: argparse.Namespace, cohort: dict[str, object]) -> int:
     (args.out / "cohort.json").write_text(json.dumps(cohort, indent=2) + "\n",
                                           encoding="utf-8")
     print(f"wrote {args.out}: cohort.json, holdout/ and {args.sites} site folder(s)")
@@ -355,18 +363,9 @@ def survival_main(args: argparse.Namespace, x: pd.DataFrame, event: np.ndarray,
         "all": event_counts(event),
         "time_days": {"min": float(time.min()), "median": float(np.median(time)),
                       "max": float(time.max())},
-        "seed": args.seed,
-        "holdout_fraction": args.holdout_fraction,
-        "splits": splits,
-        "genes": genes_note(len(genes)),
-        "records": {"numeric": numeric, "categorical": categorical,
-                    "unknown_set_to_missing": n_unknown},
-        "patient_ids": "GSE7390-NNN by row order of the source table",
+        **shared_fields(args, splits, len(genes), numeric, categorical, n_unknown),
     }
-    (args.out / "cohort.json").write_text(json.dumps(cohort, indent=2) + "\n",
-                                          encoding="utf-8")
-    print(f"wrote {args.out}: cohort.json, holdout/ and {args.sites} site folder(s)")
-    return 0
+    return write_cohort(args, cohort)
 
 
 if __name__ == "__main__":
