@@ -287,3 +287,20 @@ def test_each_kind_learns_locally(cohorts: dict[str, Path], kind: str) -> None:
     _, after = predict(model, holdout)
     assert after < before, (kind, before, after)
     assert len(tensor_dataset(train, schema.task)) == len(train)
+
+
+def test_a_site_refuses_a_histogram_request_of_absurd_resolution(
+        cohorts: dict[str, Path]) -> None:
+    """The coordinator picks the event-time bins; a site caps how many it will fill,
+    so a request cannot turn the summed histogram into a per-patient listing."""
+    from mmfed.ml.features import StatsLayout
+
+    sites = _sites(cohorts["survival"])
+    layout = merge_names([column_names(s) for s in sites]).with_scales(sites)
+    cfg = layout.to_config()
+    cfg["edges"] = [float(e) for e in np.geomspace(1.0, 1e4, 5001)]
+    cfg["scales"] = cfg["scales"][:layout.columns - layout.outcome_columns] + [1.0] * 10000
+    cfg["centres"] = [0.0] * len(cfg["scales"])
+    with pytest.raises(DataError, match="5000 histogram bins asked, at most 192"):
+        StatsLayout.from_config(cfg)
+    assert StatsLayout.from_config(layout.to_config()).edges == layout.edges

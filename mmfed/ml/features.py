@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmfed.ml.task import Task, outcome_values, outcome_width, task_from_moments
+from mmfed.ml.task import (
+    HISTOGRAM_BINS,
+    Task,
+    outcome_values,
+    outcome_width,
+    task_from_moments,
+)
 
 if TYPE_CHECKING:  # the reader pulls in pandas; secure-aggregation stages never read data
     from mmfed.data.reader import SiteData
@@ -193,6 +199,9 @@ class StatsLayout:
                 or bool(np.any(np.diff(layout.edges) <= 0))):
             raise DataError("statistics layout: survival needs increasing positive "
                             "histogram edges")
+        if len(layout.edges) > 4 * HISTOGRAM_BINS + 1:  # a request, not a data set
+            raise DataError(f"statistics layout: {len(layout.edges) - 1} histogram bins "
+                            f"asked, at most {4 * HISTOGRAM_BINS}")
         if len(layout.scales) != layout.columns or not all(
                 np.isfinite(s) and s > 0 for s in layout.scales):
             raise DataError("statistics layout: one positive scale per column is needed")
