@@ -23,7 +23,7 @@ KEYS = {"regression": {"mae", "rmse", "r2", "loss"},
 def test_each_kind_federates_with_dp_and_secure_aggregation(
         tmp_path_factory: pytest.TempPathFactory, kind: str, tmp_path: Path) -> None:
     data = tmp_path_factory.mktemp(kind)
-    synthesize(data, SynthSettings(sites=3, patients_per_site=60, holdout=80, genes=40,
+    synthesize(data, SynthSettings(sites=3, patients_per_site=40, holdout=40, genes=30,
                                    image_size=16, seed=3, task=kind))
     run = tmp_path / "run"
     done = run_mmfed("simulate", "--data", str(data), "--rounds", "2",

@@ -1,9 +1,13 @@
-"""Regression and survival federations deployed as real processes.
+"""A survival federation deployed as real processes.
 
 `mmfed server` and one `mmfed client` per site, over TLS with authenticated site
 nodes, site-owned DP and secure aggregation, exactly as tests/e2e/test_deployment.py
 runs classification: the task travels in the schema, each site trains its own kind
-and the server reports the task's own figures.
+and the server reports the task's own figures. Survival is the kind with the most
+task-specific machinery on the wire (two summed histograms, the hazard head);
+regression differs from it only in its one summed target column, and is simulated with
+DP and secure aggregation in tests/test_task_federations.py (a deployed run costs
+about two minutes of CI on 2 cores).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ KEYS = {"survival": {"c_index", "uno_c_index", "ibs", "td_auc", "loss"},
         "regression": {"mae", "rmse", "r2", "loss"}}
 
 
-@pytest.mark.parametrize("kind", sorted(KEYS))
+@pytest.mark.parametrize("kind", ["survival"])
 def test_deployed_federation_trains_the_sites_task(kind: str, tmp_path: Path) -> None:
     root = small_kit(tmp_path, SITES, seed=4, task=kind)
     (root / "admitted").mkdir()
