@@ -237,6 +237,11 @@ class SimulationConfig(_Section):
         default=0.0, ge=0.0, le=64.0,
         description="Ray num_gpus per site on CUDA; 0 lets the sites that run at once "
         "share the GPUs. Ignored on the CPU")
+    ray_address: str = Field(
+        default="",
+        description="an existing Ray cluster to run on (as `ray start` prints it, e.g. "
+        "10.0.0.5:6379); empty uses RAY_ADDRESS, or else starts Ray on this machine. "
+        "Every node must see the site folders at the same path")
 
 
 class AggregationConfig(_Section):

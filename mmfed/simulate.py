@@ -8,6 +8,7 @@ than a Ray traceback a minute later.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfed.config import RunConfig
+from mmfed.data.reader import list_sites
 from mmfed.errors import DataError, UsageError
 from mmfed.ml.device import resolve_device, simulation_gpus
 from mmfed.ml.process import quiet_process
@@ -39,6 +41,15 @@ def ray_backend_config(cfg: RunConfig, debug: bool = False) -> dict[str, Any]:
     for its share of the GPUs (see ``mmfed.ml.device.simulation_gpus``).
     """
     cpus = float(cfg["simulation.cpus_per_site"])
+    address = ray_address(cfg)
+    if address:
+        # An existing cluster owns its resources: Ray refuses num_cpus/num_gpus when it
+        # attaches, and the per-site request below is all the actors need.
+        gpus_per_site = float(cfg["simulation.gpus_per_site"]) \
+            if cfg["train.device"].startswith("cuda") else 0.0
+        return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus_per_site},
+                "init_args": {"address": address, "logging_level": "error",
+                              "log_to_driver": debug}}
     total_cpus = max(int(os.cpu_count() or 1), math.ceil(cpus))
     gpus_per_site, gpus = simulation_gpus(cfg["train.device"],
                                           float(cfg["simulation.gpus_per_site"]),
@@ -48,6 +59,54 @@ def ray_backend_config(cfg: RunConfig, debug: bool = False) -> dict[str, Any]:
                                  "log_to_driver": debug}
     return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus_per_site},
             "init_args": init_args}
+
+
+def ray_address(cfg: RunConfig) -> str:
+    """The Ray cluster to attach to: the config key, else Ray's own ``RAY_ADDRESS``."""
+    return str(cfg["simulation.ray_address"] or os.environ.get("RAY_ADDRESS", "")).strip()
+
+
+def check_cluster_reaches(address: str, folders: list[Path], debug: bool = False) -> None:
+    """Attach to the cluster and check, on every alive node, that the site folders exist.
+
+    A virtual site may run on any node, so a folder only the driver's machine has would
+    fail minutes later inside a Ray actor; checked here it is one line. Ray stays
+    initialised, and Flower's backend then uses this connection.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and "://" not in address:
+        # Ray retries an address nobody answers at for minutes; one connect says it now.
+        import socket
+
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise UsageError(f"cannot attach to the Ray cluster at {address!r}: {exc} "
+                             "(is `ray start --head` running there?)") from None
+    try:
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=debug,
+                 include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot attach to the Ray cluster at {address!r}: {first}") from None
+
+    @ray.remote(num_cpus=0)
+    def missing(paths: list[str]) -> list[str]:
+        return [p for p in paths if not (Path(p) / "site.toml").is_file()]
+
+    wanted = [str(f.resolve()) for f in folders]
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    answers = ray.get([missing.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(wanted) for n in nodes])
+    for node, lost in zip(nodes, answers, strict=True):
+        if lost:
+            ray.shutdown()
+            raise DataError(f"Ray node {node.get('NodeManagerAddress', '?')} cannot read "
+                            f"{len(lost)} site folder(s), e.g. {lost[0]}: every node must "
+                            f"see the site folders at the same path (a shared filesystem)")
 
 
 def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
@@ -64,6 +123,10 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
 
     n_sites = int(cfg["data.sites"])
     backend = ray_backend_config(cfg, debug)
+    address = ray_address(cfg)
+    if address:
+        root = Path(cfg["data.dir"])  # the holdout is read here, by the server
+        check_cluster_reaches(address, list_sites(root), debug)
     with Progress(cfg["rounds"], f"mmfed simulate ({n_sites} sites)", live=live) as progress:
         server = server_app(prepared(cfg, run, resume), on_round=progress.round_done)
         flwr_run_simulation(server_app=server, client_app=client_app,

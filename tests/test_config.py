@@ -42,7 +42,7 @@ def non_default() -> RunConfig:
         "train.modalities": ["genomics", "records"], "federation.fraction_train": 0.5,
         "federation.min_sites": 2, "federation.round_timeout": 30.5,
         "federation.local_eval": False, "simulation.cpus_per_site": 0.5,
-        "simulation.gpus_per_site": 0.25,
+        "simulation.gpus_per_site": 0.25, "simulation.ray_address": "10.0.0.5:6379",
         "out": "runs/x y\tz", "run_id": "abc123", "privacy.enabled": False,
         "privacy.epsilon": 3.5, "privacy.delta": 1e-7, "privacy.max_grad_norm": 0.5,
         "privacy.accountant": "prv", "privacy.max_noise_multiplier": 4.0,
