@@ -54,7 +54,9 @@ def ray_backend_config(cfg: RunConfig, debug: bool = False) -> dict[str, Any]:
     gpus_per_site, gpus = simulation_gpus(cfg["train.device"],
                                           float(cfg["simulation.gpus_per_site"]),
                                           int(total_cpus // cpus))
-    init_args: dict[str, Any] = {"num_cpus": total_cpus, "num_gpus": gpus,
+    # address="local": a new Ray on this machine even where `ray start` left a cluster
+    # behind (ray.init would otherwise attach to it, and then refuse num_cpus).
+    init_args: dict[str, Any] = {"address": "local", "num_cpus": total_cpus, "num_gpus": gpus,
                                  "include_dashboard": False, "logging_level": "error",
                                  "log_to_driver": debug}
     return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus_per_site},

@@ -44,7 +44,18 @@ def test_attaching_asks_for_no_cluster_resources() -> None:
     assert "num_cpus" not in backend["init_args"] and "num_gpus" not in backend["init_args"]
     assert backend["client_resources"]["num_cpus"] == 1.0
     local = ray_backend_config(RunConfig.load(None))
-    assert "address" not in local["init_args"] and local["init_args"]["num_cpus"] >= 1
+    assert local["init_args"]["address"] == "local" and local["init_args"]["num_cpus"] >= 1
+
+
+def test_a_local_run_ignores_a_running_cluster(cluster: Cluster, tmp_path: Path) -> None:
+    # The fixture's cluster is "the latest one started" (Ray records it, as `ray start`
+    # does): a run without an address must still start its own Ray, with its own CPUs.
+    data = tmp_path / "data"
+    synthesize(data, SynthSettings(sites=3, patients_per_site=30, holdout=30, genes=20,
+                                   image_size=16, seed=6))
+    done = run_mmfed("simulate", "--data", data, "--rounds", "1", "--out", tmp_path / "run",
+                     "--no-progress", "--no-dp", "--no-secagg", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_federation_runs_across_two_nodes(cluster: Cluster, tmp_path: Path) -> None:
