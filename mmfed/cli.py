@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="app folder (with pyproject.toml) or .fab file")
     ahash.add_argument("--installed", action="store_true", help="the hash of this "
                        "installation's own release (what a site trusts by default)")
+    ahash.add_argument("--encoder", metavar="ENTRY", help='the digest of an encoder entry '
+                       'point\'s code ("package.module:factory", model.*_encoder), which a '
+                       "site lists in approved_encoders to run it; nothing is imported")
 
     rep = sub.add_parser("report", help="write RUN/report/index.html: a self-contained HTML "
                          "report of a finished run (performance, privacy, participation)")
@@ -330,7 +333,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
         raise UsageError("mmfed app: choose an action: hash (see mmfed app --help)")
     from mmfed.deploy.release import app_command
 
-    return app_command(args.path, args.installed)
+    return app_command(args.path, args.installed, args.encoder)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

@@ -34,6 +34,9 @@ Modality = Literal["records", "images", "genomics"]
 Fusion = Literal["concat", "gated"]
 MODALITY_NAMES: tuple[str, ...] = get_args(Modality)
 FUSIONS: tuple[str, ...] = get_args(Fusion)
+# An encoder entry point: dotted module path, a colon, a dotted attribute path.
+ENTRY_POINT = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
+ENCODER_KEYS = ("image_encoder", "record_encoder", "genomic_encoder")
 # `flwr run .` has no --out flag, so the app's declared default names a folder.
 FLWR_RUN_OUT = "runs/flwr-run"
 _STAGES = ("train", "share", "mask", "unmask")
@@ -131,6 +134,26 @@ class ModelConfig(_Section):
         default="mask",
         description="mask: an absent modality contributes nothing; zero_fill feeds zeros "
         "as if they were data (the naive baseline, for comparisons only)")
+    image_encoder: str = Field(
+        default="",
+        description='your own image encoder, "package.module:factory" with factory(out_dim, '
+        "schema) returning a torch module from (n, 1, H, W) images to (n, out_dim); empty: "
+        "the built-in one (README, Bring your own encoder)")
+    record_encoder: str = Field(
+        default="",
+        description='your own record encoder, "package.module:factory", a module from '
+        "(numeric, numeric_missing, categorical) to (n, out_dim); empty: the built-in one")
+    genomic_encoder: str = Field(
+        default="",
+        description='your own genomic encoder, "package.module:factory", a module from '
+        "(n, genes) to (n, out_dim); empty: the built-in one")
+
+    @field_validator("image_encoder", "record_encoder", "genomic_encoder")
+    @classmethod
+    def _entry_point(cls, value: str) -> str:
+        if value == "" or re.fullmatch(ENTRY_POINT, value):
+            return value
+        raise ValueError('must be "package.module:factory" (dotted Python names) or empty')
 
 
 class TrainConfig(_Section):
@@ -319,6 +342,22 @@ class SitePrivacyConfig(_Section):
         description="distributed noise only: how many other sites of a sum may share "
         "their noise shares with the server; the site adds enough for the guarantee to "
         "survive them")
+    approved_encoders: tuple[str, ...] = Field(
+        default=(),
+        description="the encoder code this site runs besides the built-in encoders: "
+        "digests printed by `mmfed app hash --encoder ENTRY`, each binding an entry point "
+        "to its package's source; a run naming any other is declined. Only the site's own "
+        "value counts: a server cannot approve code for a site (a simulation approves the "
+        "encoders it names unless a site sets its own list)")
+
+    @field_validator("approved_encoders")
+    @classmethod
+    def _digests(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [d for d in value if not re.fullmatch(r"[0-9a-f]{64}", d)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not an encoder digest (64 hex digits, from "
+                             "`mmfed app hash --encoder ENTRY`)")
+        return value
 
 
 class PrivacyConfig(SitePrivacyConfig):

@@ -123,6 +123,7 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
     from mmfed.server.app import prepared, server_app
     from mmfed.site.app import app as client_app
 
+    check_encoders_early(cfg)
     n_sites = int(cfg["data.sites"])
     backend = ray_backend_config(cfg, debug)
     address = ray_address(cfg)
@@ -171,6 +172,7 @@ def simulate_from_args(args: argparse.Namespace) -> int:
         raise UsageError("--secagg and --no-secagg contradict each other")
     extra["secagg.enabled"] = False if args.no_secagg else (True if args.secagg else None)
     cfg = RunConfig.load(args.config, args.overrides, extra)
+    approve_named_encoders(cfg)
     if args.data and args.sites:
         raise UsageError("--sites only applies to synthesized data; with --data the "
                          "federation folder decides")
@@ -180,6 +182,40 @@ def simulate_from_args(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     run_simulation(cfg, run, live=False if args.no_progress else None, debug=args.debug)
     return _report_done(cfg, run, started)
+
+
+def check_encoders_early(cfg: RunConfig) -> None:
+    """Build a model with the run's own encoders once, on the first site's columns, so a
+    wrong shape or a layer DP-SGD refuses is one line before Ray starts, not after every
+    site has joined (the server checks again on the federation's schema)."""
+    from mmfed.ml.encoders import check_private, custom_encoders
+
+    if not custom_encoders(cfg.model_spec()):
+        return
+    from mmfed.data.reader import load_site
+    from mmfed.ml.features import pooled_schema
+    from mmfed.ml.model import build_model
+
+    sites = list_sites(Path(cfg["data.dir"]))
+    model = build_model(pooled_schema([load_site(sites[0])]), cfg.model_spec())
+    if cfg["privacy.enabled"]:
+        check_private(model)
+
+
+def approve_named_encoders(cfg: RunConfig) -> None:
+    """One person runs every simulated site, so naming an encoder approves it there; a
+    deployed site approves encoder code in its own policy file instead. A simulated
+    site with its own ``privacy.site.NAME.approved_encoders`` keeps that list, and a
+    run-wide list given explicitly is used as it is."""
+    from mmfed.ml.encoders import custom_encoders, encoder_digest
+
+    named = custom_encoders(cfg.model_spec())
+    if not named or cfg["privacy.approved_encoders"]:
+        return
+    digests = [encoder_digest(entry) for entry in named.values()]
+    cfg.set("privacy.approved_encoders", digests)
+    for (key, entry), digest in zip(named.items(), digests, strict=True):
+        print(f"simulated sites approve model.{key} {entry} (code {digest[:12]})", flush=True)
 
 
 def _report_done(cfg: RunConfig, run: RunDir, started: float) -> int:

@@ -58,7 +58,9 @@ def non_default() -> RunConfig:
         "aggregation.trim_fraction": 0.2, "model.missing": "zero_fill",
         "data.missing": ["genomics@site-2"], "aggregation.max_update_norm": 50.0,
         "train.optimizer": "sgd", "train.full_batch": True, "privacy.noise": "distributed",
-        "privacy.colluders": 1,
+        "privacy.colluders": 1, "model.image_encoder": "pkg.mod:enc",
+        "model.record_encoder": "pkg.mod:rec", "model.genomic_encoder": "pkg:gen",
+        "privacy.approved_encoders": ["ab" * 32],
     })
     assert all(cfg[k] != v for k, v in DEFAULTS.items()), "helper must change every key"
     return cfg
@@ -83,7 +85,7 @@ def test_defaults_and_specs_come_from_the_schema() -> None:
     assert config.SITE_POLICY_FIELDS == ("enabled", "epsilon", "delta", "max_grad_norm",
                                          "accountant", "max_noise_multiplier",
                                          "secure_aggregation", "min_threshold", "min_cohort",
-                                         "noise", "colluders")
+                                         "noise", "colluders", "approved_encoders")
     # The specs are the validated sections themselves, and their no-argument
     # construction gives the run's defaults (tests and benchmarks rely on it).
     assert RunConfig().model_spec() == ModelSpec()

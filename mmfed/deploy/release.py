@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tomllib
 import zipfile
 from collections.abc import Mapping
@@ -38,6 +39,7 @@ from typing import Any
 import tomli_w
 
 from mmfed import __version__
+from mmfed.config import ENTRY_POINT
 from mmfed.errors import ConfigError, UsageError
 
 PYPROJECT = "pyproject.toml"
@@ -209,11 +211,21 @@ def load_approval(policy: Path | None) -> Approval:
     return approval_from_mapping(tree["apps"], str(policy)) if "apps" in tree else Approval()
 
 
-def app_command(path: Path | None, installed: bool) -> int:
-    """``mmfed app hash``: print the approval hash of PATH, or of the installed release."""
-    if installed == (path is not None):
-        raise UsageError("mmfed app hash: give an app folder or .fab file, or --installed")
-    if path is None:
+def app_command(path: Path | None, installed: bool, encoder: str | None = None) -> int:
+    """``mmfed app hash``: print the approval hash of PATH, of the installed release, or
+    of an encoder entry point's code (what ``approved_encoders`` lists)."""
+    if sum((installed, path is not None, encoder is not None)) != 1:
+        raise UsageError("mmfed app hash: give an app folder or .fab file, --installed, or "
+                         "--encoder ENTRY")
+    if encoder is not None:
+        if not re.fullmatch(ENTRY_POINT, encoder):
+            raise UsageError(f"mmfed app hash --encoder: {encoder!r} is not "
+                             '"package.module:factory"')
+        from mmfed.ml.encoders import encoder_digest
+
+        print(f"{encoder_digest(encoder)}  {encoder} (approve it as approved_encoders in the "
+              "site policy)")
+    elif path is None:
         print(f"{installed_app_hash()}  mmfed {__version__} as `mmfed server` ships it "
               f"(code {short(installed_code_digest())})")
     else:

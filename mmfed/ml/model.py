@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mmfed.config import FUSIONS, MODALITY_NAMES, ModelSpec
+from mmfed.ml.encoders import build_encoder, custom_encoders
 from mmfed.ml.features import FeatureSchema
 
 __all__ = ["FUSIONS", "MODALITY_NAMES", "ModelSpec", "MultimodalNet", "build_model"]
@@ -225,11 +226,19 @@ class MultimodalNet(nn.Module):
             raise ValueError(f"unknown fusion {spec.fusion!r} (choose {', '.join(FUSIONS)})")
         d = spec.embed_dim
         self.task = schema.task  # what the head's outputs mean (predict reads it)
-        self.records = RecordEncoder(len(schema.numeric), len(schema.categorical),
-                                     schema.hash_buckets, d, spec.cat_embed_dim)
-        self.images = ImageEncoder(d, spec.image_channels)
-        self.genomics = GenomicEncoder(len(schema.genes), d, spec.genomics_hidden,
-                                       spec.genomics_dropout)
+        custom = custom_encoders(spec)  # model.*_encoder entry points (mmfed.ml.encoders)
+        self.records: nn.Module = (
+            build_encoder("record_encoder", custom["record_encoder"], d, schema)
+            if "record_encoder" in custom else
+            RecordEncoder(len(schema.numeric), len(schema.categorical), schema.hash_buckets,
+                          d, spec.cat_embed_dim))
+        self.images: nn.Module = (
+            build_encoder("image_encoder", custom["image_encoder"], d, schema)
+            if "image_encoder" in custom else ImageEncoder(d, spec.image_channels))
+        self.genomics: nn.Module = (
+            build_encoder("genomic_encoder", custom["genomic_encoder"], d, schema)
+            if "genomic_encoder" in custom else
+            GenomicEncoder(len(schema.genes), d, spec.genomics_hidden, spec.genomics_dropout))
         self.zero_fill = spec.missing == "zero_fill"
         self.fusion: ConcatFusion | GatedAttentionFusion = (
             GatedAttentionFusion(d, 3) if spec.fusion == "gated" else ConcatFusion(d, 3))

@@ -37,6 +37,7 @@ from mmfed import wire
 from mmfed.config import RunConfig
 from mmfed.data.reader import SiteData, load_site
 from mmfed.errors import DataError, MmfedError
+from mmfed.ml.encoders import check_private
 from mmfed.ml.features import ColumnNames, EncodedSite, FeatureSchema, encode, merge_names
 from mmfed.ml.model import build_model
 from mmfed.ml.patterns import metrics_by_pattern
@@ -142,6 +143,8 @@ class Federation:
         ctx = RoundContext(self.grid, self.cfg, dict(self.sites), deadline)
         schema = learn_schema(ctx, layout, self._holdout_site())
         model = build_model(schema, self.cfg.model_spec(), seed=self.cfg["seed"])
+        if self.cfg["privacy.enabled"]:  # each site checks again under its own policy
+            check_private(model)
         state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         return schema, state
 

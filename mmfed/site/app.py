@@ -51,8 +51,10 @@ def _model_request(msg: Message, context: Context, what: str
     cfg, round_num, schema, state = wire.read_request(msg.content)
     if schema is None or state is None:
         raise MmfedError(f"{what} request without schema or model")
-    folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
-    return cfg, round_num, schema, state, site_runtime.open_site(folder)
+    node_config = dict(context.node_config)
+    site = site_runtime.open_site(site_runtime.resolve_site_dir(node_config, cfg))
+    site_runtime.check_encoders(site_runtime.site_policy(node_config, cfg, site.name), cfg)
+    return cfg, round_num, schema, state, site
 
 
 @app.query(wire.ACTION_STATS)
@@ -62,6 +64,9 @@ def stats(msg: Message, context: Context) -> Message:
     cfg, _, _, _ = wire.read_request(msg.content)
     folder = site_runtime.resolve_site_dir(dict(context.node_config), cfg)
     name, names = site_runtime.stats_for(folder)
+    # a site that would decline the run's encoder code says so at setup, not round one
+    site_runtime.check_encoders(site_runtime.site_policy(dict(context.node_config), cfg,
+                                                         name), cfg)
     return Message(wire.reply_content(name, config=names), reply_to=msg)
 
 

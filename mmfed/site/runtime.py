@@ -107,6 +107,16 @@ def site_policy(node_config: dict[str, Any], cfg: RunConfig, site: str) -> Priva
     return policy
 
 
+def check_encoders(policy: PrivacyPolicy, cfg: RunConfig) -> None:
+    """Decline a run whose encoder code this site has not approved, before any of it is
+    imported (an import runs the module: the approval is over its source, unread)."""
+    from mmfed.ml.encoders import unapproved
+
+    refused = unapproved(cfg.model_spec(), policy.approved_encoders)
+    if refused:
+        raise Declined(f"declined: {refused[0]}")
+
+
 def noise_source(node_config: dict[str, Any], cfg: RunConfig, round_num: int, site: str,
                  device: Any) -> NoiseSource | None:
     """Where this round's DP noise comes from: fresh OS entropy (None), or, for a
@@ -141,6 +151,7 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
                 secagg: SecAggParams | None = None) -> TrainOutcome:
     import torch
 
+    from mmfed.ml.encoders import check_private
     from mmfed.ml.model import build_model
     from mmfed.ml.training import site_spec, train_local
 
@@ -151,7 +162,10 @@ def train_round(site: Path | LoadedSite, cfg: RunConfig, schema: FeatureSchema,
     spec = site_spec(cfg.train_spec(), len(train))
     policy = policy or site_policy(node_config, cfg, loaded.name)
     check_joins(policy, secagg)  # before anything is trained or spent
+    check_encoders(policy, cfg)
     model = build_model(schema, cfg.model_spec())
+    if policy.enabled:
+        check_private(model)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
     seed = site_seed(cfg["seed"], round_num, loaded.name)
     device = resolve_device(spec.device)
