@@ -3,13 +3,26 @@
 A federated model is trained on data nobody can look at, so the holdout is the one
 place where the federation can check *why* the model predicts what it does: which
 modality carries the decision, which clinical variables and genes it relies on, and
-which image regions move its output. ``explain_run`` answers those four questions and
-writes ``RUN/explain/explanations.json`` plus figures next to it.
+which image regions move its output. ``explain_run`` answers those questions and writes
+``RUN/explain/explanations.json``, per-patient attributions (``attributions.npz``) and
+figures next to it.
 
-Everything here is model-agnostic perturbation (mask a modality, permute a column,
-occlude a patch) measured in the task's own figures, so the numbers need no attribution
-library to interpret. Each task kind (``mmfed.ml.task``) is scored by its headline metric
-and its training loss, and perturbations move one per-patient quantity, the *target*:
+Two complementary kinds of explanation, both of one per-patient quantity, the *target*:
+
+* **Attributions** (``mmfed.report.attribution``, Captum): per patient and per feature,
+  in the target's unit. Integrated gradients for numeric clinical values and genes,
+  feature ablation for categorical values, exact Shapley values of the
+  model's mask input for modalities (a modality a patient lacks gets exactly zero).
+  Their global ranking is mean |attribution| over the holdout (``attribution`` in the
+  JSON), drawn as shap beeswarm plots and one patient's waterfall. They say what moved
+  each patient's prediction.
+* **Perturbation importance** (this module): mask a modality, permute a column, occlude
+  an image patch, measured in the task's own holdout figures. It says how much the
+  holdout's *performance* relies on a feature, which an attribution cannot: a feature
+  can move predictions a lot without improving their ranking.
+
+Each task kind (``mmfed.ml.task``) is scored by its headline metric and its training
+loss, and the target is:
 
 * classification: holdout AUROC (the run's headline metric) and log-loss; the target is
   the positive-class probability (binary) or each patient's own class probability.
@@ -26,11 +39,13 @@ embeddings of the modalities that a perturbation does not touch are computed onc
 and only the perturbed encoder, the fusion and the head are re-run; for the genomic
 encoder, whose first layer is linear, permuting one gene is an exact rank-one update of
 that layer's output, so all genes are evaluated in batches without re-reading the
-2,000-wide input.
+2,000-wide input. ``tests/test_explain.py`` checks that this shortcut gives Captum's
+``FeaturePermutation`` figures (same permutations, whole model) and is faster.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -46,6 +61,7 @@ from mmfed.ml.features import EncodedSite, FeatureSchema
 from mmfed.ml.model import MODALITY_NAMES, MultimodalNet
 from mmfed.ml.process import limit_threads
 from mmfed.ml.task import Task, make_task_loss, target_tensor
+from mmfed.report import attribution
 from mmfed.run.saved_model import holdout_folder, load_saved_model
 
 EXPLAIN_DIR = "explain"
@@ -60,6 +76,8 @@ SCREEN_TOP = 200
 SCREEN_RANDOM = 50
 OCCLUSION_PATCH = 8
 OCCLUSION_STRIDE = 4
+# shap plots of the attributions (kept apart from "figures", the perturbation plots)
+ATTRIBUTION_FIGURES = ("beeswarm_records.png", "beeswarm_genomics.png", "waterfall.png")
 _GENE_CHUNK = 128  # genes per batched evaluation: bounds memory at ~chunk x n x hidden
 # Harrell's C over an explicit list of comparable pairs is exact and vectorises over a
 # batch of permutations; above this many pairs (a holdout of several thousand) the list
@@ -690,6 +708,156 @@ def _features_figure(path: Path, genes: list[dict[str, Any]], records: list[dict
     _save(fig, path)
 
 
+# --------------------------------------------------------------------------- attributions
+
+
+def _waterfall_patient(h: _Holdout, used: tuple[str, ...], prediction: np.ndarray
+                       ) -> int | None:
+    """The patient whose waterfall is drawn: among those with every used modality, the
+    highest target among the "high" observed outcomes (``_outcome_groups``), so the plot
+    shows what the model reads as disease in a patient who has it; deterministic."""
+    have = np.ones(len(h.labels), dtype=bool)
+    for k, name in enumerate(MODALITY_NAMES):
+        if name in used:
+            have &= h.mask[:, k].numpy() > 0.5
+    candidates = np.flatnonzero(have)
+    if len(candidates) == 0:
+        return None
+    high, _ = _outcome_groups(h, candidates)
+    pool = high or [int(i) for i in candidates]
+    return max(pool, key=lambda i: (prediction[i], -i))
+
+
+def _display_values(schema: FeatureSchema, h: _Holdout, i: int) -> list[str]:
+    """Patient ``i``'s numeric values in their own unit (the schema's mean and sd undo the
+    standardization), then its genes as z-scores: the waterfall's value labels."""
+    out = []
+    for j in range(len(schema.numeric)):
+        if float(h.num_missing[i, j]) > 0.5:
+            out.append("missing")
+        else:
+            raw = float(h.num[i, j]) * schema.numeric_std[j] + schema.numeric_mean[j]
+            out.append(f"{raw:.4g}")
+    out += [f"z {float(v):+.2f}" for v in h.genomics[i]]
+    return out
+
+
+def _attributions(model: MultimodalNet, h: _Holdout, schema: FeatureSchema, ids: list[str],
+                  used: tuple[str, ...], target: np.ndarray, top: int, terms: _Terms,
+                  out_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Captum attributions (``mmfed.report.attribution``): the JSON block, the shap
+    figures written, and ``attributions.npz`` with every per-patient value."""
+    from mmfed.files import atomic_write_bytes
+
+    def fn(er: torch.Tensor, ei: torch.Tensor, eg: torch.Tensor, mask: torch.Tensor,
+           tgt: torch.Tensor) -> torch.Tensor:
+        return _target_values(model, h, er, ei, eg, mask, tgt)
+
+    x = attribution.Inputs(h.num, h.num_missing, h.cat, h.genomics, h.mask, h.emb_records,
+                           h.emb_images, h.emb_genomics, torch.from_numpy(target))
+    a = attribution.attribute(model, fn, x, "records" in used, "genomics" in used)
+    kn = len(schema.numeric)
+    record_names = [*schema.numeric, *schema.categorical]
+    record_values = np.concatenate([a.numeric, a.categorical], axis=1)
+    kinds = ([{"kind": "numeric", "method": "integrated_gradients"}] * kn
+             + [{"kind": "categorical", "method": "ablation"}] * len(schema.categorical))
+    records = (attribution.ranking(record_names, record_values, kinds)
+               if "records" in used else [])
+    genes = attribution.ranking(schema.genes, a.genes) if "genomics" in used else []
+    modality: dict[str, dict[str, float | int | None]] = {
+        "mean_abs": {}, "mean": {}, "patients_with": {}}
+    for k, name in enumerate(MODALITY_NAMES):
+        on = name in used
+        modality["mean_abs"][name] = float(np.abs(a.modality[:, k]).mean()) if on else None
+        modality["mean"][name] = float(a.modality[:, k].mean()) if on else None
+        modality["patients_with"][name] = int((h.mask[:, k] > 0.5).sum()) if on else None
+    absent = (h.mask.numpy() < 0.5) & (a.modality != 0.0)  # must never happen: exact zeros
+    figures: dict[str, str] = {}
+    what = terms.target.removeprefix("the ")
+    short = what.split(":")[0]
+    with_records = h.mask[:, 0].numpy() > 0.5
+    if records and with_records.any():
+        data = np.concatenate([np.where(h.num_missing.numpy() > 0.5, np.nan, h.num.numpy()),
+                               np.full(tuple(h.cat.shape), np.nan)], axis=1)
+        attribution.beeswarm_png(
+            out_dir / "beeswarm_records.png", record_values[with_records],
+            data[with_records], record_names, top,
+            "Clinical features: integrated gradients (numeric), ablation "
+            "(categorical, grey)", f"attribution to {short} (per patient)")
+        figures["beeswarm_records"] = "beeswarm_records.png"
+    with_genes = h.mask[:, 2].numpy() > 0.5
+    if genes and with_genes.any():
+        attribution.beeswarm_png(
+            out_dir / "beeswarm_genomics.png", a.genes[with_genes],
+            h.genomics.numpy()[with_genes], schema.genes, top,
+            "Genes: integrated gradients (patients with genomics)",
+            f"attribution to {short} (per patient)")
+        figures["beeswarm_genomics"] = "beeswarm_genomics.png"
+    patient = _waterfall_patient(h, used, a.prediction)
+    pid = None if patient is None else ids[patient]
+    if patient is not None and (records or genes):
+        values = np.concatenate([a.numeric[patient], a.genes[patient]])
+        names = [*schema.numeric, *schema.genes]
+        attribution.waterfall_png(
+            out_dir / "waterfall.png", values, float(a.ig_baseline[patient]),
+            np.array(_display_values(schema, h, patient), dtype=object), names, top,
+            f"patient {pid}: {short} {a.prediction[patient]:.3g}, from "
+            f"{a.ig_baseline[patient]:.3g} with every numeric value and gene at the "
+            "federation mean (integrated gradients)")
+        figures["waterfall"] = "waterfall.png"
+    per_patient = {"patient_ids": np.array(ids), "record_names": np.array(record_names),
+                   "records": record_values.astype(np.float32),
+                   "gene_names": np.array(schema.genes), "genes": a.genes.astype(np.float32),
+                   "modality_names": np.array(MODALITY_NAMES), "modalities": a.modality,
+                   "prediction": a.prediction, "ig_baseline": a.ig_baseline,
+                   "modality_baseline": a.modality_baseline}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **per_patient)  # type: ignore[arg-type]
+    atomic_write_bytes(out_dir / "attributions.npz", buffer.getvalue())
+    effect = np.abs(a.prediction - a.ig_baseline)
+    block = {
+        "target": terms.target,
+        "modality_shapley": modality,
+        "absent_modality_nonzero": int(absent.sum()),
+        "top_features": {"records": records[:top], "genomics": genes[:top]},
+        "mean_abs": {"records": {it["name"]: it["mean_abs"] for it in records},
+                     "genomics": {it["name"]: it["mean_abs"] for it in genes}},
+        "integrated_gradients": {
+            "steps": attribution.IG_STEPS,
+            "max_abs_delta": float(np.abs(a.ig_delta).max()) if len(a.ig_delta) else 0.0,
+            "max_abs_effect": float(effect.max()) if len(effect) else 0.0},
+        "waterfall_patient": pid,
+        "per_patient": "attributions.npz",
+    }
+    return block, figures
+
+
+def _attribution_text(terms: _Terms) -> dict[str, str]:
+    """What each attribution is, in words (``method.attribution`` in the JSON)."""
+    what = terms.target
+    return {
+        "target": f"every attribution is in the unit of {what}, per patient",
+        "numeric_and_genes": f"Captum IntegratedGradients ({attribution.IG_STEPS} "
+                             "Gauss-Legendre steps) from the baseline 'every numeric "
+                             "clinical value and gene at the federation mean' "
+                             "(standardized 0), all else as observed; "
+                             "a patient's values sum to its target minus the target at "
+                             "that baseline (max_abs_delta: the integration error)",
+        "categorical": "Captum FeatureAblation: target minus its expectation with that "
+                       "column replaced by the holdout's categories in proportion",
+        "modalities": "exact Shapley values (Captum ShapleyValues, all 6 orders) of the "
+                      "model's mask input, baseline mask 0: they sum to the target minus "
+                      "the target with no modality; a modality a patient lacks is exactly 0",
+        "ranking": "mean |attribution| over all holdout patients (those without the "
+                   "modality contribute 0)",
+        "plots": "shap's beeswarm (top features, one dot per patient, coloured by the "
+                 "standardized value) and waterfall (one patient with every used modality, "
+                 "the highest target among the high observed outcomes) of these values; "
+                 "the waterfall shows numeric values and genes, whose integrated "
+                 "gradients sum to its prediction",
+    }
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -850,6 +1018,8 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
         raise DataError(f"{out_dir}: cannot be created ({exc.strerror})") from None
     for stale in out_dir.glob("image-*.png"):  # maps of an earlier call's patients
         stale.unlink()
+    for stale_name in ATTRIBUTION_FIGURES:  # an earlier call's (this one may draw fewer)
+        (out_dir / stale_name).unlink(missing_ok=True)
     image_items = []
     if "images" in used and images > 0:
         image_only = torch.zeros_like(h.mask)
@@ -871,6 +1041,8 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
             image_items.append({"patient_id": pid, "png": name, **item, **shown,
                                 "max_drop": float(heat.max()),
                                 "peak_yx": [int(peak[0]), int(peak[1])]})
+    attributed, attribution_figures = _attributions(model, h, schema, site.ids, used,
+                                                    target, top, terms, out_dir)
     subtitle = None if classify else f"{task.kind} task, target: {terms.target}"
     _modality_figure(out_dir / "modality_contributions.png", modal["drop"], float(base[0]),
                      terms.metric_name, subtitle)
@@ -881,7 +1053,8 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
               "modality_contribution": method["modality_contribution"],
               "permutation": method["permutation"], "rank_by": rank_by,
               "rank_metric": f"{key}_drop" if rank_by == "auroc" else "loss_increase",
-              "genomics": gene_method, "images": method["images"],
+              "genomics": gene_method, "attribution": _attribution_text(terms),
+              "images": method["images"],
               "image_patients": method["image_patients"],
               "seed": seed, "repeats": repeats, "top": top}
     result: dict[str, Any] = finite({
@@ -903,7 +1076,9 @@ def explain_run(run: Path, *, seed: int = 0, repeats: int = 3, top: int = 15, im
             mod: {f"{key}_drop": {it["name"]: it["importance"] for it in items},
                   "loss_increase": {it["name"]: it["loss_increase"] for it in items}}
             for mod, items in (("records", records), ("genomics", genes))},
+        "attribution": attributed,
         "images": image_items,
+        "attribution_figures": attribution_figures,
         "figures": {"modality_contributions": "modality_contributions.png",
                     "top_features": "top_features.png"},
         "method": method,
@@ -958,6 +1133,16 @@ def summary_lines(result: dict[str, Any], top: int = 5) -> list[str]:
             key = "importance" if result["method"]["rank_by"] == "auroc" else "loss_increase"
             lines.append(f"top {mod} ({key}): " + ", ".join(
                 f"{it['name']} {it[key]:+.4f}" for it in items))
+    attributed = result.get("attribution") or {}
+    for mod in ("records", "genomics"):
+        items = (attributed.get("top_features") or {}).get(mod, [])[:top]
+        if items:
+            lines.append(f"top {mod} (mean |attribution|, Captum): " + ", ".join(
+                f"{it['name']} {it['mean_abs']:.4f}" for it in items))
+    if attributed.get("modality_shapley"):
+        shapley = attributed["modality_shapley"]["mean_abs"]
+        lines.append("modality Shapley values (mean |value|): " + ", ".join(
+            f"{m} {v:.4f}" for m, v in shapley.items() if v is not None))
     if result["images"]:
         lines.append(f"{len(result['images'])} image maps: "
                      + ", ".join(it["png"] for it in result["images"]))

@@ -449,7 +449,6 @@ def baseline_section(data: RunData, base: RunData, out: Path,
 def explanations_section(run: Path, out: Path) -> Section:
     """What drove the predictions, from ``mmfed explain RUN`` when it has been run."""
     import json
-    import shutil
 
     folder = run / "explain"
     source = folder / "explanations.json"
@@ -483,15 +482,70 @@ def explanations_section(run: Path, out: Path) -> Section:
                         r.get("importance")] for r in rows[:10]],
                       f"Top {modality} features (permutation importance)",
                       f"table-top-{modality}")
+    body += _attribution_block(found.get("attribution"), found.get("attribution_figures"),
+                               folder, out)
     names = [str(v) for v in figures.values()] + [str(i.get("png")) for i in images]
     for name in names:
-        src = folder / name
-        if not name.endswith(".png") or "/" in name or not src.is_file():
-            continue
-        shutil.copyfile(src, out / f"explain-{name}")
-        body += figure(plots.Plot(f"explain-{name}", name.removesuffix(".png")),
-                       name.removesuffix(".png").replace("-", " ").replace("_", " "))
+        body += _explain_figure(folder, name, out,
+                                name.removesuffix(".png").replace("-", " ").replace("_", " "))
     return Section("explanations", "Explanations", body)
+
+
+def _explain_figure(folder: Path, name: str, out: Path, caption: str) -> str:
+    """A PNG of ``mmfed explain`` copied next to the report, or nothing for a name that
+    is not a plain PNG file in ``folder`` (the JSON is data, not a path to trust)."""
+    import shutil
+
+    src = folder / name
+    if not name.endswith(".png") or "/" in name or not src.is_file():
+        return ""
+    shutil.copyfile(src, out / f"explain-{name}")
+    return figure(plots.Plot(f"explain-{name}", name.removesuffix(".png")), caption)
+
+
+ATTRIBUTION_CAPTIONS = {
+    "beeswarm_records": "Clinical features (Captum): one dot per holdout patient, its "
+                        "attribution on the x axis, coloured by its own standardized value "
+                        "(categorical values grey).",
+    "beeswarm_genomics": "Genes (Captum integrated gradients): one dot per holdout patient "
+                         "with genomics, coloured by its standardized expression.",
+    "waterfall": "One patient's prediction, built up from the attribution baseline by each "
+                 "feature's integrated gradient.",
+}
+
+
+def _attribution_block(block: object, figures: object, folder: Path, out: Path) -> str:
+    """The Captum attributions of ``mmfed explain``: modality Shapley values, the
+    global ranking, and shap's beeswarm and waterfall plots (absent in older files)."""
+    if not isinstance(block, dict):
+        return ""
+    try:
+        shapley = dict(block["modality_shapley"])
+        rows = [[m, shapley["mean_abs"][m], shapley["mean"][m], shapley["patients_with"][m]]
+                for m in shapley["mean_abs"] if shapley["mean_abs"][m] is not None]
+        top = dict(block["top_features"])
+        target = str(block.get("target", "the target"))
+    except (KeyError, TypeError, ValueError):
+        return para("The attributions in explanations.json are unreadable; run "
+                    "`mmfed explain RUN` again.")
+    html = para(f"Attributions (Captum) are per patient, in the unit of {target}: "
+                "integrated gradients for numeric values and genes, feature ablation for "
+                "categorical values, exact Shapley values for modalities (zero for a "
+                "modality a patient lacks). Features are ranked by mean |attribution|.")
+    html += table(["modality", "mean |Shapley value|", "mean Shapley value", "patients with it"],
+                  rows, "Modality attributions (exact Shapley values)",
+                  "table-modality-shapley")
+    for modality, items in top.items():
+        if isinstance(items, list) and items:
+            html += table(["rank", "feature", "mean |attribution|", "mean attribution"],
+                          [[r.get("rank"), r.get("name"), r.get("mean_abs"), r.get("mean")]
+                           for r in items[:10] if isinstance(r, dict)],
+                          f"Top {modality} features (attributions)",
+                          f"table-attribution-{modality}")
+    for key, name in (figures.items() if isinstance(figures, dict) else []):
+        html += _explain_figure(folder, str(name), out, ATTRIBUTION_CAPTIONS.get(str(key),
+                                                                                 str(name)))
+    return html
 
 
 def subtitle(data: RunData) -> str:

@@ -62,6 +62,12 @@ sites connect when their operators start them, and a site's first answer reads a
 summarizes its whole folder, so setup is bounded by a fixed allowance for that, not by
 a round timeout that may be set to an hour for slow training. A site still silent at
 the end is left out of the federation (or the run stops, if too few are left)."""
+SETUP_PER_SITE = 0.6
+"""Seconds of setup allowance per expected site, where that exceeds ``SETUP_TIMEOUT``.
+A site's own work is parallel in a deployment, but the server still exchanges three
+messages with every site, one after another, and a simulation on one machine runs
+each site's folder summary in turn: 1,000 simulated sites on 2 cores took about 500 s
+to connect, state their columns and sum their moments, which a fixed 300 s cut off."""
 ADMIT_TIMEOUT = 60.0  # a new node's answer to "which site are you?" at a round's start
 Metrics = dict[str, Any]
 
@@ -89,7 +95,7 @@ class Federation:
 
     def __init__(self, grid: Grid, cfg: RunConfig, run: RunDir,
                  on_round: RoundCallback | None = None, expected_sites: int | None = None,
-                 setup_timeout: float = SETUP_TIMEOUT,
+                 setup_timeout: float | None = None,
                  admitted: dict[int, str] | None = None) -> None:
         self.grid = grid
         # node id -> the site its authentication key was admitted as; None when sites
@@ -100,6 +106,8 @@ class Federation:
         self.on_round = on_round
         self.expected = expected_sites or cfg["federation.min_sites"]
         self.timeout = float(cfg["federation.round_timeout"])
+        if setup_timeout is None:
+            setup_timeout = max(SETUP_TIMEOUT, SETUP_PER_SITE * self.expected)
         self.setup_timeout = min(self.timeout, setup_timeout)
         self.sites: dict[int, SiteRef] = {}
         self.site_totals: dict[str, dict[str, Any]] = {}

@@ -17,6 +17,7 @@ from mmfed.errors import MmfedError
 
 POLL_FIRST = 0.02  # seconds before the first pull
 POLL_MAX = 0.2  # the longest wait between pulls (a loopback call to the SuperLink)
+PULL_PER_PENDING = 1e-3  # seconds of poll interval per outstanding reply (large federations)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -59,7 +60,10 @@ def send_and_receive(grid: Grid, out: list[Message], timeout: float) -> list[Mes
             final = True
             continue
         time.sleep(min(wait, left))
-        wait = min(wait * 1.5, POLL_MAX)
+        # a pull costs time per pending message: with a thousand sites outstanding,
+        # polling every 0.2 s would spend a core on asking; 1 ms per pending reply
+        # keeps asking to a small share of the wait, and adds at most ~1 s per stage
+        wait = min(wait * 1.5, max(POLL_MAX, PULL_PER_PENDING * len(pending)))
     return replies
 
 
