@@ -20,10 +20,10 @@ value, a survival risk) and says how far that patient's own value moved it.
   modality a patient lacks has mask 0 already, so adding or removing it changes no
   input and its attribution is exactly zero, not approximately.
 
-The global rankings are mean |attribution| over all holdout patients (a patient without
-the modality contributes its exact zero, so the order equals the order among patients
-who have it). The plots use shap's beeswarm and waterfall on these Captum values: the
-values are ours, shap only draws them.
+The global ranking is each feature's share of the model's separation of high from low
+observed outcomes (:func:`separation`); mean |attribution| over the holdout, the usual
+SHAP summary, is kept next to it and orders the beeswarm plots. The plots use shap's
+beeswarm and waterfall on these Captum values: the values are ours, shap only draws them.
 
 This module knows nothing about task kinds: the caller hands in ``TargetFn``, the
 model's per-patient target from per-modality embeddings, the same function the
@@ -222,15 +222,40 @@ def attribute(model: MultimodalNet, fn: TargetFn, x: Inputs, records: bool,
     return Attributions(num, gene, cat, modality, prediction, ig_base, delta, empty)
 
 
-def ranking(names: Sequence[str], values: np.ndarray, extra: Sequence[dict[str, Any]] | None
-            = None) -> list[dict[str, Any]]:
-    """Features by mean |attribution| over patients (ties by name), with the mean signed
-    attribution (its direction on average); ``extra`` adds fields per feature."""
+def separation(values: np.ndarray, high: Sequence[int], low: Sequence[int]) -> np.ndarray:
+    """Per feature: its mean attribution among the "high" observed outcomes minus that
+    among the "low" ones, in the target's unit.
+
+    This is the share of the model's separation of the two groups that the feature
+    accounts for: attributions add up to each patient's prediction (minus the baseline),
+    so these differences add up to the gap between the groups' mean predictions. It is
+    the global ranking because it is what a feature does *for the task*: mean
+    |attribution| also counts sensitivity to features unrelated to the outcome (a DP-
+    trained layer has noise weights on every gene), which moves each patient's
+    prediction but in no consistent direction. ``high`` empty (multiclass, where each
+    patient's target is its own class's probability): the mean attribution over all
+    patients, the feature's push toward the right class.
+    """
+    if len(values) == 0:
+        return np.zeros(values.shape[1] if values.ndim == 2 else 0)
+    if len(high) == 0:
+        return values.mean(axis=0)
+    if len(low) == 0:
+        return values[list(high)].mean(axis=0)
+    return values[list(high)].mean(axis=0) - values[list(low)].mean(axis=0)
+
+
+def ranking(names: Sequence[str], values: np.ndarray, separated: np.ndarray,
+            extra: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Features by ``separated`` (:func:`separation`), highest first (ties by name), with
+    mean |attribution| (the order of the beeswarm plots) and the mean signed attribution;
+    ``extra`` adds fields per feature."""
     mean_abs = np.abs(values).mean(axis=0) if len(values) else np.zeros(len(names))
     mean = values.mean(axis=0) if len(values) else np.zeros(len(names))
-    order = sorted(range(len(names)), key=lambda j: (-mean_abs[j], names[j]))
-    return [{"rank": r, "name": names[j], "mean_abs": float(mean_abs[j]),
-             "mean": float(mean[j]), **(extra[j] if extra is not None else {})}
+    order = sorted(range(len(names)), key=lambda j: (-separated[j], names[j]))
+    return [{"rank": r, "name": names[j], "separation": float(separated[j]),
+             "mean_abs": float(mean_abs[j]), "mean": float(mean[j]),
+             **(extra[j] if extra is not None else {})}
             for r, j in enumerate(order, start=1)]
 
 
@@ -304,4 +329,4 @@ def waterfall_png(path: Path, values: np.ndarray, base: float, data: np.ndarray,
 
 __all__ = ["IG_STEPS", "Attributions", "Inputs", "TargetFn", "attribute", "beeswarm_png",
            "categorical_ablation", "integrated_gradients", "modality_shapley", "ranking",
-           "waterfall_png"]
+           "separation", "waterfall_png"]

@@ -761,9 +761,14 @@ def _attributions(model: MultimodalNet, h: _Holdout, schema: FeatureSchema, ids:
     record_values = np.concatenate([a.numeric, a.categorical], axis=1)
     kinds = ([{"kind": "numeric", "method": "integrated_gradients"}] * kn
              + [{"kind": "categorical", "method": "ablation"}] * len(schema.categorical))
-    records = (attribution.ranking(record_names, record_values, kinds)
+    multiclass = h.kind == "classification" and len(schema.classes) > 2
+    high, low = ([], []) if multiclass else _outcome_groups(h, np.arange(len(ids)))
+    records = (attribution.ranking(record_names, record_values,
+                                   attribution.separation(record_values, high, low), kinds)
                if "records" in used else [])
-    genes = attribution.ranking(schema.genes, a.genes) if "genomics" in used else []
+    genes = (attribution.ranking(schema.genes, a.genes,
+                                 attribution.separation(a.genes, high, low))
+             if "genomics" in used else [])
     modality: dict[str, dict[str, float | int | None]] = {
         "mean_abs": {}, "mean": {}, "patients_with": {}}
     for k, name in enumerate(MODALITY_NAMES):
@@ -820,8 +825,11 @@ def _attributions(model: MultimodalNet, h: _Holdout, schema: FeatureSchema, ids:
         "modality_shapley": modality,
         "absent_modality_nonzero": int(absent.sum()),
         "top_features": {"records": records[:top], "genomics": genes[:top]},
+        "separation": {"records": {it["name"]: it["separation"] for it in records},
+                       "genomics": {it["name"]: it["separation"] for it in genes}},
         "mean_abs": {"records": {it["name"]: it["mean_abs"] for it in records},
                      "genomics": {it["name"]: it["mean_abs"] for it in genes}},
+        "outcome_groups": {"high": len(high), "low": len(low)},
         "integrated_gradients": {
             "steps": attribution.IG_STEPS,
             "max_abs_delta": float(np.abs(a.ig_delta).max()) if len(a.ig_delta) else 0.0,
@@ -848,8 +856,11 @@ def _attribution_text(terms: _Terms) -> dict[str, str]:
         "modalities": "exact Shapley values (Captum ShapleyValues, all 6 orders) of the "
                       "model's mask input, baseline mask 0: they sum to the target minus "
                       "the target with no modality; a modality a patient lacks is exactly 0",
-        "ranking": "mean |attribution| over all holdout patients (those without the "
-                   "modality contribute 0)",
+        "ranking": "separation: mean attribution among the high observed outcomes minus "
+                   "among the low ones (multiclass: mean attribution to each patient's own "
+                   "class), the feature's share of the model's separation of the groups; "
+                   "mean_abs (mean |attribution|, patients without the modality count 0) "
+                   "orders the beeswarm plots",
         "plots": "shap's beeswarm (top features, one dot per patient, coloured by the "
                  "standardized value) and waterfall (one patient with every used modality, "
                  "the highest target among the high observed outcomes) of these values; "
@@ -1137,8 +1148,8 @@ def summary_lines(result: dict[str, Any], top: int = 5) -> list[str]:
     for mod in ("records", "genomics"):
         items = (attributed.get("top_features") or {}).get(mod, [])[:top]
         if items:
-            lines.append(f"top {mod} (mean |attribution|, Captum): " + ", ".join(
-                f"{it['name']} {it['mean_abs']:.4f}" for it in items))
+            lines.append(f"top {mod} (attribution separation, Captum): " + ", ".join(
+                f"{it['name']} {it['separation']:+.4f}" for it in items))
     if attributed.get("modality_shapley"):
         shapley = attributed["modality_shapley"]["mean_abs"]
         lines.append("modality Shapley values (mean |value|): " + ", ".join(

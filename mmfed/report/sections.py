@@ -531,14 +531,17 @@ def _attribution_block(block: object, figures: object, folder: Path, out: Path) 
     html = para(f"Attributions (Captum) are per patient, in the unit of {target}: "
                 "integrated gradients for numeric values and genes, feature ablation for "
                 "categorical values, exact Shapley values for modalities (zero for a "
-                "modality a patient lacks). Features are ranked by mean |attribution|.")
+                "modality a patient lacks). Features are ranked by their separation: mean "
+                "attribution among high observed outcomes minus among low ones, their share "
+                "of how the model tells the groups apart.")
     html += table(["modality", "mean |Shapley value|", "mean Shapley value", "patients with it"],
                   rows, "Modality attributions (exact Shapley values)",
                   "table-modality-shapley")
     for modality, items in top.items():
         if isinstance(items, list) and items:
-            html += table(["rank", "feature", "mean |attribution|", "mean attribution"],
-                          [[r.get("rank"), r.get("name"), r.get("mean_abs"), r.get("mean")]
+            html += table(["rank", "feature", "separation", "mean |attribution|"],
+                          [[r.get("rank"), r.get("name"), r.get("separation"),
+                            r.get("mean_abs")]
                            for r in items[:10] if isinstance(r, dict)],
                           f"Top {modality} features (attributions)",
                           f"table-attribution-{modality}")

@@ -62,12 +62,13 @@ sites connect when their operators start them, and a site's first answer reads a
 summarizes its whole folder, so setup is bounded by a fixed allowance for that, not by
 a round timeout that may be set to an hour for slow training. A site still silent at
 the end is left out of the federation (or the run stops, if too few are left)."""
-SETUP_PER_SITE = 0.6
+SETUP_PER_SITE = 1.5
 """Seconds of setup allowance per expected site, where that exceeds ``SETUP_TIMEOUT``.
 A site's own work is parallel in a deployment, but the server still exchanges three
 messages with every site, one after another, and a simulation on one machine runs
-each site's folder summary in turn: 1,000 simulated sites on 2 cores took about 500 s
-to connect, state their columns and sum their moments, which a fixed 300 s cut off."""
+each site's folder summary in turn: 1,000 simulated sites on 2 cores (loaded) took
+over 500 s to connect and state their columns, before the moments, which a fixed 300 s
+and then 0.6 s per site cut off."""
 ADMIT_TIMEOUT = 60.0  # a new node's answer to "which site are you?" at a round's start
 Metrics = dict[str, Any]
 
