@@ -178,8 +178,17 @@ def build_encoder(key: str, entry: str, out_dim: int, schema: FeatureSchema) -> 
 
 def check_private(model: nn.Module) -> None:
     """Refuse, naming the layer, a model DP-SGD cannot train with per-patient gradients."""
-    from opacus.validators import ModuleValidator
+    import logging
+
     from torch import nn
+
+    # Opacus calls logging.basicConfig at import, which would print every mmfed log line
+    # a second time in the server process (the first there to import it): keep the
+    # root logger's handlers as they were
+    handlers = list(logging.root.handlers)
+    from opacus.validators import ModuleValidator
+
+    logging.root.handlers[:] = handlers
 
     for name, layer in model.named_modules():
         owner = KEY_OF.get(name.split(".")[0])
