@@ -39,7 +39,7 @@ embeddings of the modalities that a perturbation does not touch are computed onc
 and only the perturbed encoder, the fusion and the head are re-run; for the genomic
 encoder, whose first layer is linear, permuting one gene is an exact rank-one update of
 that layer's output, so all genes are evaluated in batches without re-reading the
-2,000-wide input. ``tests/test_explain.py`` checks that this shortcut gives Captum's
+2,000-wide input. ``tests/test_attribution.py`` checks that this shortcut gives Captum's
 ``FeaturePermutation`` figures (same permutations, whole model) and is faster.
 """
 
