@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from bench_env import ENV, MMFED, mmfed  # same folder
 
@@ -151,11 +152,15 @@ def main() -> None:
     parser.add_argument("--round-timeout", type=float, default=3600.0,
                         help="federation.round_timeout: a round of 1,000 simulated sites "
                              "on 2 cores takes minutes")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="write the cohorts and run directories here and keep them "
+                             "(per-stage seconds are in each run's metrics.jsonl)")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 is warm-up)")
-    results: dict[str, dict[str, float | int]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or Path(scratch)
         for n in args.sites:
             data, out = Path(tmp) / f"fed-{n}", Path(tmp) / f"run-{n}"
             mmfed("data", "synth", "--out", str(data), "--sites", str(n),
@@ -178,6 +183,9 @@ def main() -> None:
                 "round_seconds_median": round(round_wall, 2),
                 "round_cpu_seconds_median": round(round_cpu, 2),
                 "round1_seconds": round(lines[0]["seconds"]["round"], 2),
+                "stage_seconds_median": {
+                    k: round(statistics.median(x["seconds"].get(k, 0.0) for x in lines[1:]), 2)
+                    for k in lines[-1]["seconds"] if k != "round"},
                 "seconds_per_site": round(round_wall / n, 3),
                 "cpu_seconds_per_site": round(round_cpu / n, 3),
                 "peak_memory_gib": round(sampler.peak / 2**30, 3),

@@ -63,6 +63,23 @@ def ray_backend_config(cfg: RunConfig, debug: bool = False) -> dict[str, Any]:
             "init_args": init_args}
 
 
+def ray_workers(cfg: RunConfig) -> int:
+    """How many sites Ray runs at once: its CPUs over ``simulation.cpus_per_site``.
+
+    On an existing cluster Ray is attached already (``check_cluster_reaches``) and its
+    CPUs are counted there; on this machine they are the ones ``ray_backend_config``
+    gives Ray.
+    """
+    cpus = float(cfg["simulation.cpus_per_site"])
+    if ray_address(cfg):
+        import ray
+
+        total = float(ray.cluster_resources().get("CPU", cpus))
+    else:
+        total = max(int(os.cpu_count() or 1), math.ceil(cpus))
+    return max(1, int(total // cpus))
+
+
 def ray_address(cfg: RunConfig) -> str:
     """The Ray cluster to attach to: the config key, else Ray's own ``RAY_ADDRESS``."""
     return str(cfg["simulation.ray_address"] or os.environ.get("RAY_ADDRESS", "")).strip()
@@ -131,7 +148,8 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
         root = Path(cfg["data.dir"])  # the holdout is read here, by the server
         check_cluster_reaches(address, list_sites(root), debug)
     with Progress(cfg["rounds"], f"mmfed simulate ({n_sites} sites)", live=live) as progress:
-        server = server_app(prepared(cfg, run, resume), on_round=progress.round_done)
+        server = server_app(prepared(cfg, run, resume), on_round=progress.round_done,
+                            workers=ray_workers(cfg))
         flwr_run_simulation(server_app=server, client_app=client_app,
                             num_supernodes=n_sites, backend_config=backend,  # type: ignore[arg-type]
                             verbose_logging=debug)

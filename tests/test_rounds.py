@@ -43,9 +43,11 @@ from mmfed.report.rundata import RunData
 from mmfed.run.prepare import PreparedRun, freeze_config, relax_simulated_policies
 from mmfed.run.resume import find_resume_point, truncate_metrics
 from mmfed.run.rundir import RunDir, read_metrics
+from mmfed.server import transport
 from mmfed.server.app import deployed_app, prepared, server_app
 from mmfed.server.loop import Federation
 from mmfed.server.rounds import KeysAhead
+from mmfed.server.transport import PacedGrid
 from mmfed.site.app import app as client_app
 from mmfed.site.runtime import evaluate_round
 
@@ -395,6 +397,74 @@ def test_secure_round_malformed_unmask_reply_is_a_failed_unmask(
         [line], _ = federate(grid, config(fed, secagg__enabled=True), tmp_path / "run")
     assert "site-1 failed to unmask: reply without its secure aggregation record" in caplog.text
     assert line["aggregation"]["participants"] == 3 and "aborted" not in line["aggregation"]
+
+
+# --------------------------------------------------------------------------- paced stages
+
+
+class CountingGrid(FakeGrid):
+    """A FakeGrid that records, per message type, the most messages outstanding at once
+    (pushed, reply not yet pulled)."""
+
+    def __init__(self, fed: Path) -> None:
+        super().__init__(fed)
+        self.outstanding: dict[str, str] = {}  # message id -> its type
+        self.most: Counter[str] = Counter()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        self.outstanding.update(zip(ids, (m.metadata.message_type for m in messages),
+                                    strict=True))
+        for kind in set(self.outstanding.values()):
+            self.most[kind] = max(self.most[kind],
+                                  sum(t == kind for t in self.outstanding.values()))
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        got = list(super().pull_messages(message_ids))
+        for reply in got:
+            self.outstanding.pop(reply.metadata.reply_to_message_id, None)
+        return got
+
+
+def test_paced_secure_round_keeps_its_window_and_the_same_model(fed: Path,
+                                                                tmp_path: Path) -> None:
+    counting = CountingGrid(fed)
+    for i in range(1, SITES + 1):
+        counting.delay[(node(i), wire.TRAIN)] = transport.QUICK_REPLY + 0.1  # slow stage
+    cfg = config(fed, secagg__enabled=True)
+    [paced], _ = federate(PacedGrid(counting, slow=1, wide=2), cfg, tmp_path / "paced")
+    federate(FakeGrid(fed), cfg, tmp_path / "all")
+    assert statuses(paced) == {f"site-{i}": "trained" for i in range(1, SITES + 1)}
+    # training replies take long: one at a time; the quick secure-aggregation stages
+    # (replies at once) open to the wide window, and never beyond it
+    assert counting.most[wire.TRAIN] == 1
+    assert max(counting.most.values()) == 2
+    assert counting.most[wire.SECAGG_UNMASK] == 2
+    # the same model up to floating-point summation order (masks cancel exactly)
+    assert worst(model(tmp_path / "paced"), model(tmp_path / "all")) < 1e-6
+
+
+def test_paced_stage_goes_past_a_stalled_site(fed: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung site holds its place only until it counts as stalled; the sites queued
+    behind it still train in time, and the hung one is dropped at the deadline."""
+    monkeypatch.setattr(transport, "STALLED_AFTER", 0.5)
+    grid = FakeGrid(fed)
+    grid.silent.add((node(1), wire.TRAIN))  # the first in the queue never answers
+    started = time.monotonic()
+    [line], _ = federate(PacedGrid(grid, slow=1, wide=1),
+                         config(fed, federation__round_timeout=4.0, privacy__min_cohort=2),
+                         tmp_path / "run")
+    assert time.monotonic() - started < 4.0 + 5.0
+    assert statuses(line) == {"site-1": "dropped", "site-2": "trained", "site-3": "trained"}
+    assert line["sites"]["site-1"]["reason"] == "no reply within 4s"
+
+
+def test_paced_grid_refuses_a_window_that_cannot_move() -> None:
+    with pytest.raises(ValueError, match="slow <= wide"):
+        PacedGrid(FakeGrid.__new__(FakeGrid), slow=0, wide=4)
 
 
 # --------------------------------------------------------------------------- trips per round

@@ -30,6 +30,7 @@ from mmfed.run.resume import ResumePoint
 from mmfed.run.rundir import RunDir
 from mmfed.run.tracking import RoundCallback, TensorBoardLog, chain
 from mmfed.server.loop import Federation
+from mmfed.server.transport import PacedGrid
 
 log = logging.getLogger("mmfed")
 Prepare = Callable[[Context], PreparedRun]
@@ -71,12 +72,14 @@ def standalone_process() -> None:
 
 
 def server_app(prepare: Prepare, on_round: RoundCallback | None = None, *,
-               standalone: bool = False) -> ServerApp:
+               standalone: bool = False, workers: int | None = None) -> ServerApp:
     """The ServerApp that prepares its run with ``prepare`` and then runs it.
 
     ``standalone``: the app runs in a process of its own (a deployment's ServerApp
     process), which it sets up itself, and an ``MmfedError`` is logged as one line
     before it propagates, so that the operator sees the reason rather than a traceback.
+    ``workers``: a simulation that runs this many sites at once; its stages are paced
+    (``PacedGrid``) to keep them all fed without flooding Flower's per-node sweep.
     """
     server = ServerApp()
 
@@ -84,6 +87,8 @@ def server_app(prepare: Prepare, on_round: RoundCallback | None = None, *,
     def main(grid: Grid, context: Context) -> None:
         if standalone:
             standalone_process()
+        if workers is not None:
+            grid = PacedGrid(grid, slow=2 * workers + 2, wide=max(32, 8 * workers))
         try:
             run_and_record(grid, prepare(context), on_round)
         except MmfedError as exc:
