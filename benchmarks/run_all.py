@@ -52,7 +52,8 @@ BENCHES = (
     Bench("dp_overhead_cpu", ("benchmarks/dp_overhead.py", "--device", "cpu")),
     Bench("dp_overhead_gpu", ("benchmarks/dp_overhead.py", "--device", "cuda"), cuda=True),
     Bench("secagg_overhead", ("benchmarks/secagg_overhead.py", "--sites", "5", "20", "100:8")),
-    Bench("sim_scaling", ("benchmarks/sim_scaling.py", "--sites", "10", "30", "100")),
+    Bench("sim_scaling", ("benchmarks/sim_scaling.py", "--sites", "100", "300", "1000",
+                          "--rounds", "3")),
     Bench("deployment_round", ("benchmarks/deployment_round.py",), optional=True),
     Bench("utility", ("benchmarks/utility.py",)),
     Bench("import_speed", ("benchmarks/import_speed.py",)),
@@ -170,7 +171,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
 
     bench, r = by_name["sim_scaling"], _get(results, "sim_scaling")
     sites = (r or {}).get("sites", {})
-    for n in ("10", "30", "100"):
+    for n in ("100", "300", "1000"):
         cell = sites.get(n)
         if cell:
             cpu = cell.get("round_cpu_seconds_median")

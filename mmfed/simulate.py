@@ -80,6 +80,42 @@ def ray_workers(cfg: RunConfig) -> int:
     return max(1, int(total // cpus))
 
 
+def check_split_cache_env() -> bool:
+    """Whether the user set ``MMFED_SPLIT_CACHE_MIB``; a bad value is a one-line refusal
+    (checked first thing, not after the site folders have been read)."""
+    from mmfed.site.state import SPLIT_CACHE_ENV, split_cache_mib
+
+    raw = os.environ.get(SPLIT_CACHE_ENV)
+    if raw is not None and split_cache_mib(raw) is None:
+        raise UsageError(f"{SPLIT_CACHE_ENV}={raw!r}: want a positive whole number of "
+                         "MiB (the encoded splits each simulation worker may hold)")
+    return raw is not None
+
+
+def set_split_cache(workers: int) -> None:
+    """Give each local Ray worker room to hold every site's encoded splits.
+
+    A worker answers for any site (Flower hands each message to whichever worker is
+    free), so with the default bound a federation of hundreds of sites is re-read from
+    disk for nearly every training message (``mmfed.site.state``). Here each worker
+    may use up to 30% of the machine's memory shared among the workers, and never
+    less than the default; a worker only holds what its sites' splits take (about
+    1.2 MiB per small synthetic site). Workers inherit this process's environment
+    when Ray starts here; nodes of an existing cluster take the variable from their
+    own environment. A value the user exported wins, and a bad one is refused here.
+    """
+    from mmfed.site.state import CACHE_BYTES, SPLIT_CACHE_ENV
+
+    if check_split_cache_env():
+        return
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # not on this platform: the default bound
+        return
+    share = int(0.3 * memory / max(1, workers)) // 2**20
+    os.environ[SPLIT_CACHE_ENV] = str(max(CACHE_BYTES // 2**20, share))
+
+
 def ray_address(cfg: RunConfig) -> str:
     """The Ray cluster to attach to: the config key, else Ray's own ``RAY_ADDRESS``."""
     return str(cfg["simulation.ray_address"] or os.environ.get("RAY_ADDRESS", "")).strip()
@@ -147,9 +183,11 @@ def run_simulation(cfg: RunConfig, run: RunDir, *, live: bool | None = None,
     if address:
         root = Path(cfg["data.dir"])  # the holdout is read here, by the server
         check_cluster_reaches(address, list_sites(root), debug)
+    workers = ray_workers(cfg)
+    set_split_cache(workers)
     with Progress(cfg["rounds"], f"mmfed simulate ({n_sites} sites)", live=live) as progress:
         server = server_app(prepared(cfg, run, resume), on_round=progress.round_done,
-                            workers=ray_workers(cfg))
+                            workers=workers)
         flwr_run_simulation(server_app=server, client_app=client_app,
                             num_supernodes=n_sites, backend_config=backend,  # type: ignore[arg-type]
                             verbose_logging=debug)
@@ -179,6 +217,7 @@ def resume_simulation(run_path: Path, args: argparse.Namespace) -> int:
 
 
 def simulate_from_args(args: argparse.Namespace) -> int:
+    check_split_cache_env()
     if getattr(args, "resume", None):
         return resume_simulation(Path(args.resume), args)
     extra = {"seed": args.seed, "rounds": args.rounds, "data.sites": args.sites,

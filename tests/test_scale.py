@@ -13,6 +13,7 @@ import pytest
 
 from mmfed.data import reader
 from mmfed.data.synth import SynthSettings, synthesize
+from mmfed.errors import MmfedError
 from mmfed.ml.features import pooled_schema, split_indices
 from mmfed.privacy import ledger
 from mmfed.site import state as site_state
@@ -69,15 +70,72 @@ def test_site_cache_keeps_recent_sites_within_its_byte_bound(cohort: Path,
         state.open(folder)
     assert state.cached_sites() == ["site-2", "site-3"]  # least recently used went first
     kept = state.open(folders[1])
-    assert state.open(folders[1]).data is kept.data  # a hit: no reload...
-    state.open(folders[0])  # ...and it is now the most recent
+    kept_data = kept.data
+    assert state.open(folders[1]).data is kept_data  # a hit: no reload...
+    assert state.open(folders[0]).data.name == "site-1"  # ...and site-1 is the most recent
     assert state.cached_sites() == ["site-2", "site-1"]
     # Changed data is re-read under its new fingerprint, and its stale copy is dropped.
     with (folders[1] / "site.toml").open("a") as fh:
         fh.write("# edited\n")
     after = state.open(folders[1])
-    assert after.data is not kept.data and after.fingerprint != kept.fingerprint
+    assert after.data is not kept_data and after.fingerprint != kept.fingerprint
     assert state.cached_sites().count("site-2") == 1
+    # A site opened before the change and read after it (its data is read when first
+    # used) refuses: what it would read is not what its fingerprint names.
+    stale = state.open(folders[2])
+    state._sites.discard([stale.fingerprint])  # as if evicted meanwhile
+    with (folders[2] / "site.toml").open("a") as fh:
+        fh.write("# edited\n")
+    with pytest.raises(MmfedError, match="changed while a message was answered"):
+        _ = stale.data
+    assert state.open(folders[2]).data.name == "site-3"  # the next message reads it
+
+
+def test_a_site_whose_splits_are_held_is_not_read_again(
+        cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Site data and encoded splits have separate bounds: with room for every site's
+    splits but for one site's data, a second pass over the sites reads none of them
+    (the case of a simulation worker that answers for hundreds of sites)."""
+    folders = [Path(shutil.copytree(cohort / f"site-{i}", tmp_path / f"site-{i}"))
+               for i in (1, 2, 3)]
+    reads: list[Path] = []
+    original = reader.load_site
+
+    def counting(folder: Path | str) -> reader.SiteData:
+        reads.append(Path(folder))
+        return original(folder)
+
+    monkeypatch.setattr(reader, "load_site", counting)
+    state = site_state.SiteState(max_bytes=1, split_bytes=2**30)  # data: the newest only
+    schema = pooled_schema([original(f) for f in folders])
+    first = [state.splits(state.open(f), schema, 0.2, 0) for f in folders]
+    assert reads == folders  # each read once, for its name and its splits
+    again = [state.splits(state.open(f), schema, 0.2, 0) for f in folders]
+    assert reads == folders  # no read at all: the splits were held
+    assert all(a[0] is b[0] for a, b in zip(first, again, strict=True))
+    assert [state.open(f).name for f in folders] == ["site-1", "site-2", "site-3"]
+    assert len(reads) == 3
+    assert state.open(folders[0]).data.name == "site-1"  # asked for: read now
+    assert len(reads) == 4
+    # the other way round, room for one site's splits: every pass encodes again
+    small = site_state.SiteState(split_bytes=1)
+    held = [small.splits(small.open(f), schema, 0.2, 0)[0] for f in folders]
+    assert small.splits(small.open(folders[0]), schema, 0.2, 0)[0] is not held[0]
+
+
+def test_split_cache_bound_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
+    monkeypatch.delenv(site_state.SPLIT_CACHE_ENV, raising=False)
+    assert site_state.split_cache_bytes() == site_state.CACHE_BYTES
+    monkeypatch.setenv(site_state.SPLIT_CACHE_ENV, "1024")
+    assert site_state.split_cache_bytes() == 2**30
+    for bad in ("0", "-5", "1.5", "lots"):
+        monkeypatch.setenv(site_state.SPLIT_CACHE_ENV, bad)
+        assert site_state.split_cache_bytes() == site_state.CACHE_BYTES  # never fails
+        # mmfed simulate refuses it in one line, before Ray starts
+        proc = run_mmfed("simulate", "--rounds", "1")  # the environment set above
+        assert proc.returncode == 2 and site_state.SPLIT_CACHE_ENV in proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_site_state_is_keyed_by_the_ledger_fingerprint_hashed_once_per_change(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,7 @@ def _read_csv(path: Path, problems: list[str]) -> pd.DataFrame | None:
         problems.append(f"{path.name}: empty file")
         return None
     try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False,
+        frame = pd.read_csv(io.StringIO(text), dtype=object, keep_default_na=False,
                             na_filter=False, skipinitialspace=False)
     except (pd.errors.ParserError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -127,7 +128,7 @@ def _read_csv(path: Path, problems: list[str]) -> pd.DataFrame | None:
     if any(not h for h in header):
         problems.append(f"{path.name}: header has empty column names")
         return None
-    dupes = sorted({h for h in header if header.count(h) > 1})
+    dupes = sorted(h for h, times in Counter(header).items() if times > 1)  # O(columns)
     if dupes:
         problems.append(f"{path.name}: duplicate column names in header: {', '.join(dupes)}")
         return None

@@ -8,6 +8,13 @@ never answered from memory, and the same data is one entry whatever its folder i
 called. Memory is bounded in bytes per kind of entry, least recently used out first,
 so a worker stays flat however many sites the federation has.
 
+A message that finds its site's encoded splits held never reads the site: its data
+is read only when something asks for it (``LoadedSite.data``). So in a simulation
+where each worker answers for hundreds of sites, only the splits need to stay held,
+and ``mmfed simulate`` gives them a larger bound (``MMFED_SPLIT_CACHE_MIB``, sized from
+the machine's memory and its workers): with the default 256 MiB, 1,000 small sites
+on 2 workers re-read a site for almost every training message.
+
 Nothing here imports torch or pandas at module level: the ClientApp imports this
 module in every process, including those that only run a secure-aggregation stage.
 """
@@ -15,14 +22,17 @@ module in every process, including those that only run a secure-aggregation stag
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 
+from mmfed.errors import MmfedError
 from mmfed.ml.features import EncodedSite, FeatureSchema, encode, split_indices
 
 if TYPE_CHECKING:  # the reader pulls in pandas; only messages that read data need it
@@ -30,6 +40,21 @@ if TYPE_CHECKING:  # the reader pulls in pandas; only messages that read data ne
 
 # Per process and per kind of entry (site data, encoded splits).
 CACHE_BYTES = 256 * 2**20
+SPLIT_CACHE_ENV = "MMFED_SPLIT_CACHE_MIB"  # the encoded splits' bound, when set
+
+
+def split_cache_mib(raw: str | None) -> int | None:
+    """``MMFED_SPLIT_CACHE_MIB`` as a number of MiB; None when unset or not a positive
+    whole number (``mmfed simulate`` refuses such a value in one line before Ray starts;
+    a process that meets one anyway keeps the default rather than fail on import)."""
+    raw = (raw or "").strip()
+    return int(raw) if raw.isdigit() and int(raw) >= 1 else None
+
+
+def split_cache_bytes() -> int:
+    """The encoded splits' bound: ``MMFED_SPLIT_CACHE_MIB`` if set, else ``CACHE_BYTES``."""
+    mib = split_cache_mib(os.environ.get(SPLIT_CACHE_ENV))
+    return CACHE_BYTES if mib is None else mib * 2**20
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -60,6 +85,7 @@ class _BoundedLRU(Generic[K, V]):
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self._held = 0  # bytes of all entries, kept as they come and go
 
     def get(self, key: K) -> V | None:
         """The value, now the most recently used; None when absent."""
@@ -70,16 +96,19 @@ class _BoundedLRU(Generic[K, V]):
         return entry[0]
 
     def put(self, key: K, value: V) -> None:
-        self._entries[key] = (value, nbytes(value))
-        self._entries.move_to_end(key)
-        held = sum(size for _, size in self._entries.values())
-        while len(self._entries) > 1 and held > self.max_bytes:
+        self.discard([key])
+        size = nbytes(value)
+        self._entries[key] = (value, size)
+        self._held += size
+        while len(self._entries) > 1 and self._held > self.max_bytes:
             _, (_, size) = self._entries.popitem(last=False)
-            held -= size
+            self._held -= size
 
     def discard(self, keys: list[K]) -> None:
         for key in keys:
-            self._entries.pop(key, None)
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._held -= entry[1]
 
     def keys(self) -> list[K]:
         """Least recently used first."""
@@ -92,16 +121,18 @@ class _BoundedLRU(Generic[K, V]):
 
 @dataclass(frozen=True)
 class LoadedSite:
-    """One site folder as one message sees it: its data and the fingerprint it is kept
-    under, computed once for the message and passed on instead of recomputed."""
+    """One site folder as one message sees it: the fingerprint it is kept under,
+    computed once for the message and passed on instead of recomputed, its name, and
+    its data, read (or taken from memory) only when asked for."""
 
     folder: Path
     fingerprint: str
-    data: SiteData
+    name: str
+    _read: Callable[[], SiteData] = field(repr=False, compare=False)
 
     @property
-    def name(self) -> str:
-        return self.data.name
+    def data(self) -> SiteData:
+        return self._read()
 
 
 def schema_key(schema: FeatureSchema) -> str:
@@ -125,11 +156,12 @@ def _signature(folder: Path) -> _Signature:
 class SiteState:
     """The site data and encoded splits one process holds, keyed by data fingerprint."""
 
-    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
+    def __init__(self, max_bytes: int = CACHE_BYTES, split_bytes: int | None = None) -> None:
         self._sites: _BoundedLRU[str, SiteData] = _BoundedLRU(max_bytes)
         self._splits: _BoundedLRU[_SplitKey, tuple[EncodedSite, EncodedSite]] = (
-            _BoundedLRU(max_bytes))
+            _BoundedLRU(max_bytes if split_bytes is None else split_bytes))
         self._fingerprints: dict[str, tuple[_Signature, str]] = {}  # resolved folder ->
+        self._names: dict[str, str] = {}  # fingerprint -> the site's name (site.toml)
 
     def fingerprint(self, folder: Path) -> str:
         """The privacy ledger's fingerprint of the folder, hashed again only after a
@@ -154,17 +186,32 @@ class SiteState:
             return
         self._sites.discard([fingerprint])
         self._splits.discard([k for k in self._splits.keys() if k[0] == fingerprint])
+        self._names.pop(fingerprint, None)
 
     def open(self, folder: Path) -> LoadedSite:
-        """The folder's data, read only when this process has not read the same data."""
+        """The folder as of now; its data is read the first time this process meets
+        it (for its name) and afterwards only when used and no longer held."""
         fingerprint = self.fingerprint(folder)
+        name = self._names.get(fingerprint)
+        if name is None:
+            name = self._data(folder, fingerprint).name
+        return LoadedSite(folder, fingerprint, name,
+                          lambda: self._data(folder, fingerprint))
+
+    def _data(self, folder: Path, fingerprint: str) -> SiteData:
         data = self._sites.get(fingerprint)
         if data is None:
             from mmfed.data.reader import load_site  # pandas: only when data is read
 
             data = load_site(folder)
+            if self.fingerprint(folder) != fingerprint:
+                # read later than fingerprinted (data is read when first used): what was
+                # read may not be what the message's ledger entry is keyed by
+                raise MmfedError(f"{folder}: the site's files changed while a message was "
+                                 "answered; the next message reads them again")
             self._sites.put(fingerprint, data)
-        return LoadedSite(folder, fingerprint, data)
+            self._names[fingerprint] = data.name
+        return data
 
     def splits(self, site: LoadedSite, schema: FeatureSchema, val_fraction: float,
                seed: int) -> tuple[EncodedSite, EncodedSite]:
@@ -183,7 +230,7 @@ class SiteState:
         return [data.name for data in self._sites.values()]
 
 
-_STATE = SiteState()
+_STATE = SiteState(split_bytes=split_cache_bytes())
 
 
 def site_state() -> SiteState:
