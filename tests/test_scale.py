@@ -4,18 +4,22 @@ a 12-site federation on 2 workers where every site must train on its own data.""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from mmfed.config import RunConfig
 from mmfed.data import reader
 from mmfed.data.synth import SynthSettings, synthesize
-from mmfed.errors import MmfedError
+from mmfed.errors import DataError, MmfedError
 from mmfed.ml.features import pooled_schema, split_indices
 from mmfed.privacy import ledger
+from mmfed.site import runtime
 from mmfed.site import state as site_state
 from tests.helpers import run_mmfed
 
@@ -57,6 +61,33 @@ def test_cells_the_block_parse_must_not_accept_still_get_named(cohort: Path, tmp
         csv.writer(f).writerows(rows)
     problems = reader.read_site(site).problems
     assert any(f"line 3 column '{rows[0][7]}'" in p for p in problems), problems
+
+
+def test_plain_csv_reads_as_pandas_does_and_leaves_the_rest_to_pandas(cohort: Path) -> None:
+    def pandas(text: str) -> pd.DataFrame:
+        return pd.read_csv(io.StringIO(text), dtype=object, keep_default_na=False,
+                           na_filter=False, skipinitialspace=False)
+
+    site = cohort / "site-2"
+    plain = [(site / name).read_text() for name in ("genomics.csv", "records.csv")]
+    plain += ["id,a,b\n001, 1.5 ,\n002,,NA\n",  # padding, empty cells, ids as text
+              "id,a\r\n1,2\r\n3,4",  # CRLF, no final newline
+              " id ,a\n1,x\n"]  # a padded header (stripped later, as pandas' is)
+    for text in plain:
+        fast = reader._plain_csv(text)
+        assert fast is not None
+        pd.testing.assert_frame_equal(fast, pandas(text))
+    for text in ('id,a\n1,"2,3"\n',  # quotes
+                 "id,a\n1,2\n\n3,4\n",  # a blank line
+                 "id,a\n1,2,3\n",  # a row wider than the header
+                 "id,a,b\n1,2\n",  # a narrower one
+                 "id,a\n"):  # no rows
+        assert reader._plain_csv(text) is None
+    # and a malformed file still gets pandas' explanation, in one line
+    (site / "bad.csv").write_text("id,a\n1,2\n3,4,5\n")
+    problems: list[str] = []
+    assert reader._read_csv(site / "bad.csv", problems) is None
+    assert len(problems) == 1 and problems[0].startswith("bad.csv: malformed CSV (")
 
 
 def test_site_cache_keeps_recent_sites_within_its_byte_bound(cohort: Path,
@@ -121,6 +152,33 @@ def test_a_site_whose_splits_are_held_is_not_read_again(
     small = site_state.SiteState(split_bytes=1)
     held = [small.splits(small.open(f), schema, 0.2, 0)[0] for f in folders]
     assert small.splits(small.open(folders[0]), schema, 0.2, 0)[0] is not held[0]
+
+
+def test_simulated_sites_are_listed_once_until_the_federation_folder_changes(
+        cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "fed"
+    for i in (1, 2, 3):
+        shutil.copytree(cohort / f"site-{i}", root / f"site-{i}")
+    listed: list[Path] = []
+    original = reader.list_sites
+
+    def counting(where: Path | str) -> list[Path]:
+        listed.append(Path(where))
+        return original(where)
+
+    monkeypatch.setattr(reader, "list_sites", counting)
+    cfg = RunConfig.load(None, None, {"data.dir": str(root)})
+    where = [runtime.resolve_site_dir({"partition-id": pid}, cfg).name for pid in (0, 1, 2, 0)]
+    assert where == ["site-1", "site-2", "site-3", "site-1"] and len(listed) == 1
+    # a site folder added: listed again, and the new partition id resolves
+    shutil.copytree(cohort / "site-1", root / "site-4")
+    assert runtime.resolve_site_dir({"partition-id": 3}, cfg).name == "site-4"
+    assert len(listed) == 2
+    # a listed folder that lost its site.toml is listed again, and the ids move on
+    (root / "site-2" / "site.toml").unlink()
+    assert runtime.resolve_site_dir({"partition-id": 1}, cfg).name == "site-3"
+    with pytest.raises(DataError, match=r"partition-id 3 but .* only 3 site folders"):
+        runtime.resolve_site_dir({"partition-id": 3}, cfg)
 
 
 def test_split_cache_bound_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch
