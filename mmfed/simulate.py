@@ -50,7 +50,7 @@ def ray_backend_config(cfg: RunConfig, debug: bool = False) -> dict[str, Any]:
         return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus_per_site},
                 "init_args": {"address": address, "logging_level": "error",
                               "log_to_driver": debug}}
-    total_cpus = max(int(os.cpu_count() or 1), math.ceil(cpus))
+    total_cpus = local_cpus(cpus)
     gpus_per_site, gpus = simulation_gpus(cfg["train.device"],
                                           float(cfg["simulation.gpus_per_site"]),
                                           int(total_cpus // cpus))
@@ -61,6 +61,11 @@ def ray_backend_config(cfg: RunConfig, debug: bool = False) -> dict[str, Any]:
                                  "log_to_driver": debug}
     return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus_per_site},
             "init_args": init_args}
+
+
+def local_cpus(cpus_per_site: float) -> int:
+    """The CPUs Ray is given on this machine: all of them, and at least one site's share."""
+    return max(int(os.cpu_count() or 1), math.ceil(cpus_per_site))
 
 
 def ray_workers(cfg: RunConfig) -> int:
@@ -76,7 +81,7 @@ def ray_workers(cfg: RunConfig) -> int:
 
         total = float(ray.cluster_resources().get("CPU", cpus))
     else:
-        total = max(int(os.cpu_count() or 1), math.ceil(cpus))
+        total = local_cpus(cpus)
     return max(1, int(total // cpus))
 
 

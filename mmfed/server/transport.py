@@ -98,7 +98,7 @@ def send_and_receive(grid: Grid, out: list[Message], timeout: float) -> list[Mes
     interval backs off to 0.2 s, so a quick stage costs what its sites take. On a
     ``PacedGrid`` the messages go out a window at a time (see there).
     """
-    paced = isinstance(grid, PacedGrid)
+    pacer = grid if isinstance(grid, PacedGrid) else None
     waiting = list(reversed(out))  # popped from the end: first in, first out
     deadline = time.monotonic() + timeout
     pending: dict[str, float] = {}  # message id -> when it was pushed
@@ -117,7 +117,7 @@ def send_and_receive(grid: Grid, out: list[Message], timeout: float) -> list[Mes
             pushed_at = time.monotonic()
             pending.update(dict.fromkeys(grid.push_messages(batch), pushed_at))
 
-    push(grid.slow if isinstance(grid, PacedGrid) else len(out))
+    push(pacer.slow if pacer else len(out))
     while pending:
         got = list(grid.pull_messages(list(pending)))
         replies.extend(got)
@@ -125,8 +125,8 @@ def send_and_receive(grid: Grid, out: list[Message], timeout: float) -> list[Mes
         for m in got:
             took = now - pending.pop(m.metadata.reply_to_message_id, now)
             quick, answered, spent = quick + (took < QUICK_REPLY), answered + 1, spent + took
-        if isinstance(grid, PacedGrid) and not final:
-            push(grid.wide if 2 * quick > answered else grid.slow)
+        if pacer and not final:
+            push(pacer.wide if 2 * quick > answered else pacer.slow)
         left = deadline - now
         if not pending or final:
             break
@@ -136,7 +136,7 @@ def send_and_receive(grid: Grid, out: list[Message], timeout: float) -> list[Mes
             # and replies that arrived meanwhile must not count as missing.
             final = True
             continue
-        time.sleep(min(POLL_PACED if paced else wait, left))
+        time.sleep(min(POLL_PACED if pacer else wait, left))
         # a pull costs time per pending message: with a thousand sites outstanding,
         # polling every 0.2 s would spend a core on asking; 1 ms per pending reply
         # keeps asking to a small share of the wait, and adds at most ~1 s per stage
