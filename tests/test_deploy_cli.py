@@ -280,3 +280,34 @@ def test_real_process_prints_one_line(kit: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("mmfed: error: --server 'nohost': expected HOST:PORT, e.g. "
                                    "10.0.0.5:9092 or [::1]:9092")
+
+
+def test_a_flower_error_panel_is_reported_as_its_message() -> None:
+    """`flwr run` prints errors as rich panels; the reason shown must be the panel's text,
+    not its top border."""
+    from mmfed.deploy.processes import last_meaningful
+
+    tail = ["Loading project configuration...",
+            "\x1b[31m╭─ Error ──────────────────────────────╮\x1b[0m",
+            "│ Connection to the SuperLink was lost. │",
+            "│ Is it running?                         │",
+            "╰───────────────────────────────────────╯"]
+    assert last_meaningful(tail) == "Error: Connection to the SuperLink was lost. Is it running?"
+    assert last_meaningful(tail[:3]) == "Error: Connection to the SuperLink was lost."
+    assert last_meaningful(["a", "ERROR: b", "c"]) == "ERROR: b"
+    assert last_meaningful(["plain │ text"]) == "plain │ text"
+
+
+def test_a_dead_critical_child_is_blamed_even_after_its_dependant_exits() -> None:
+    """The server's failed-run path: a critical child that died (or dies a moment later) is
+    the error, not the dependant's own complaint."""
+    from mmfed.deploy.processes import ChildDied, Supervisor
+    from mmfed.deploy.server import _blame_a_dead_child
+
+    with Supervisor() as sup:
+        link = sup.spawn("SuperLink", [sys.executable, "-c", "import time; time.sleep(60)"])
+        _blame_a_dead_child(sup, 0.3)  # alive: nothing to blame
+        threading.Timer(0.5, os.kill, (link.pid, 9)).start()
+        with pytest.raises(ChildDied, match=rf"SuperLink \(pid {link.pid}\) exited "
+                                            "unexpectedly with code -9"):
+            _blame_a_dead_child(sup, 5.0)

@@ -385,12 +385,43 @@ class ChildDied(MmfedError):
 
 
 def last_meaningful(lines: Sequence[str]) -> str:
-    """The last log line worth showing: an error if there is one."""
-    cleaned = [strip_ansi(line).strip() for line in lines if line.strip()]
+    """The last log line worth showing: an error if there is one.
+
+    Flower's CLI prints errors in rich panels; a panel's top border ("╭─ Error ──╮") is no
+    message, so each panel is folded into one line of its title and its text first."""
+    cleaned = _fold_panels([strip_ansi(line).strip() for line in lines if line.strip()])
     for line in reversed(cleaned):
         if "ERROR" in line or "Error" in line or "error:" in line:
             return line[:300]
     return cleaned[-1][:300] if cleaned else ""
+
+
+_BORDER = "─━═╭╮╰╯┌┐└┘│┃║ "
+
+
+def _fold_panels(lines: list[str]) -> list[str]:
+    out: list[str] = []
+    title: str | None = None
+    body: list[str] = []
+    for line in lines:
+        if line.startswith(("╭", "┌")):
+            title, body = line.strip(_BORDER), []
+        elif title is not None and line.startswith(("│", "┃", "║")):
+            text = line.strip(_BORDER)
+            if text:
+                body.append(text)
+        elif title is not None and line.startswith(("╰", "└")):
+            text = " ".join(body)
+            out.append(f"{title}: {text}" if title and text else title or text)
+            title = None
+        else:
+            if title is not None:  # a panel cut off by the tail: keep what it had
+                out.append(" ".join([f"{title}:", *body]) if title else " ".join(body))
+                title = None
+            out.append(line)
+    if title is not None:
+        out.append(" ".join([f"{title}:", *body]) if title else " ".join(body))
+    return [line for line in out if line]
 
 
 def strip_ansi(text: str) -> str:

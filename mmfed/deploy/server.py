@@ -287,6 +287,10 @@ def serve(plan: ServerPlan, *, live: bool | None = None) -> int:
                     time.sleep(0.5)
                 for line in follower.new_lines():
                     progress.round_done(line)
+            if not (plan.run_path / "summary.json").exists():
+                # `flwr run` often notices a dead SuperLink before the loop above does; the
+                # SuperLink's death is the cause, so it is the error reported
+                _blame_a_dead_child(sup, 2.0)
         finally:
             gateway.stop()
     if not (plan.run_path / "summary.json").exists():
@@ -301,6 +305,17 @@ def serve(plan: ServerPlan, *, live: bool | None = None) -> int:
           f"round, in {time.perf_counter() - started:.1f}s; "
           f"{headline_text(None, last['global'])}; run directory {plan.run_path}")
     return 0
+
+
+def _blame_a_dead_child(sup: Supervisor, within: float) -> None:
+    """Raise ChildDied if a critical child is dead or dies within `within` seconds (its
+    sockets close before its exit status can be read, so a moment is allowed)."""
+    deadline = time.monotonic() + within
+    while True:
+        sup.check()
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)
 
 
 def _write_deployment(plan: ServerPlan, node_ids: dict[str, int], public: str) -> None:
