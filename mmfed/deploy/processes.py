@@ -411,17 +411,21 @@ def _fold_panels(lines: list[str]) -> list[str]:
             if text:
                 body.append(text)
         elif title is not None and line.startswith(("╰", "└")):
-            text = " ".join(body)
-            out.append(f"{title}: {text}" if title and text else title or text)
+            out.append(_panel_line(title, body))
             title = None
         else:
             if title is not None:  # a panel cut off by the tail: keep what it had
-                out.append(" ".join([f"{title}:", *body]) if title else " ".join(body))
+                out.append(_panel_line(title, body))
                 title = None
             out.append(line)
     if title is not None:
-        out.append(" ".join([f"{title}:", *body]) if title else " ".join(body))
+        out.append(_panel_line(title, body))
     return [line for line in out if line]
+
+
+def _panel_line(title: str, body: list[str]) -> str:
+    text = " ".join(body)
+    return f"{title}: {text}" if title and text else title or text
 
 
 def strip_ansi(text: str) -> str:
